@@ -1,0 +1,70 @@
+"""Assembling an application: settings -> flows, store, model, actions -> Engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.actions import ActionRegistry
+from engine.config import Settings
+from engine.demo.actions import build_actions
+from engine.demo.shop import Shop
+from engine.flow.compiled import FlowSet
+from engine.flow.loader import load_flows
+from engine.models.base import Model
+from engine.models.claude import ClaudeModel, ModelIds
+from engine.models.offline import OfflineModel
+from engine.runner import Engine
+from engine.store import Store, open_store
+
+__all__ = ["App", "build_app", "make_model"]
+
+
+@dataclass
+class App:
+    settings: Settings
+    engine: Engine
+    shop: Shop
+    store: Store
+
+    async def close(self) -> None:
+        await self.engine.model.close()
+        await self.store.close()
+        await self.shop.close()
+
+
+def make_model(settings: Settings, kind: str | None = None) -> Model:
+    kind = kind or settings.resolved_model()
+    if kind == "offline":
+        return OfflineModel()
+    return ClaudeModel(
+        base_url=settings.anthropic_base_url,
+        models=ModelIds(settings.decision_model, settings.summary_model, settings.route_model),
+        timeout=settings.model_timeout,
+        max_retries=settings.model_max_retries,
+    )
+
+
+def demo_actions(shop: Shop) -> ActionRegistry:
+    return build_actions(shop)
+
+
+def load_app_flows(settings: Settings, actions: ActionRegistry) -> FlowSet:
+    return load_flows(Path(settings.flows_dir), Path(settings.prompts_dir), actions.names(),
+                      disclosure=settings.disclosure)
+
+
+async def build_app(settings: Settings, *, model: str | None = None) -> App:
+    """Open the shop and the store, load the flows, and build the engine."""
+    shop = Shop(settings.shop_database_path)
+    await shop.open()
+    actions = build_actions(shop)
+    flows = load_app_flows(settings, actions)
+    if settings.database_url.startswith("sqlite") and ":///" in settings.database_url:
+        Path(settings.database_url.split(":///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+    store = open_store(settings.database_url)
+    await store.open()
+    primary = make_model(settings, model)
+    fallback = OfflineModel() if primary.name != "offline" else None
+    engine = Engine(flows, store, primary, actions, fallback=fallback)
+    return App(settings, engine, shop, store)

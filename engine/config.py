@@ -1,0 +1,75 @@
+"""Settings: embedded defaults, then a config file, then ``HELPLINE_*`` environment variables.
+
+With nothing set, Helpline runs on SQLite in ``./var``, an in-process cache
+and the offline model, unless ``ANTHROPIC_API_KEY`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from engine.errors import ConfigError
+
+__all__ = ["Settings", "load_settings"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HELPLINE_", env_nested_delimiter="__",
+                                      extra="forbid")
+
+    flows_dir: Path = ROOT / "flows"
+    prompts_dir: Path = ROOT / "prompts"
+    database_url: str = f"sqlite+aiosqlite:///{ROOT / 'var' / 'helpline.db'}"
+    #: The demo shop's SQLite file; None keeps it in memory (re-seeded at every start).
+    shop_database_path: Path | None = None
+    #: ``auto`` uses Claude when ANTHROPIC_API_KEY is set, the offline model otherwise.
+    model: Literal["auto", "offline", "claude"] = "auto"
+    anthropic_base_url: str | None = None
+    decision_model: str = "sonnet"
+    summary_model: str = "haiku"
+    route_model: str = "haiku"
+    model_timeout: float = Field(default=30.0, gt=0, le=600)
+    model_max_retries: int = Field(default=2, ge=0, le=10)
+    #: Words of the AI disclosure (per language); the message itself cannot be turned off.
+    disclosure: dict[str, str] | None = None
+
+    def resolved_model(self) -> str:
+        if self.model == "auto":
+            return "claude" if os.environ.get("ANTHROPIC_API_KEY") else "offline"
+        return self.model
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from an optional YAML file, overridden by environment and ``overrides``."""
+    values: dict[str, Any] = {}
+    path = config_file or (Path(os.environ["HELPLINE_CONFIG"]) if os.environ.get(
+        "HELPLINE_CONFIG") else None)
+    if path is not None:
+        from ruamel.yaml import YAML
+
+        try:
+            data = YAML(typ="safe").load(path.read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+        except Exception as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the config file must be a mapping")
+        values.update(data)
+    # Environment variables win over the file; explicit overrides win over both.
+    env_settings = Settings()
+    for name in Settings.model_fields:
+        if f"HELPLINE_{name.upper()}" in os.environ:
+            values[name] = getattr(env_settings, name)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Settings.model_validate(values)
+    except Exception as exc:
+        raise ConfigError(f"invalid settings: {exc}") from exc

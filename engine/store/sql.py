@@ -1,0 +1,800 @@
+"""SQL :class:`Store` on SQLAlchemy's async engine: SQLite (aiosqlite) or PostgreSQL (asyncpg).
+
+The tables are sqlmodel classes (:class:`ConversationRow`, :class:`MessageRow`,
+:class:`EntityHistoryRow`) so they can be used with sqlmodel sessions for
+reporting; the store itself runs SQLAlchemy Core statements on their tables,
+built once, to keep the per-turn cost low:
+
+* ``load``: one SELECT.
+* ``commit_turn``: one transaction, one commit: one UPDATE (or INSERT for a new
+  conversation), one executemany INSERT of the messages, one of the entity
+  changes.
+* ``seen``: one SELECT on the partial unique index of channel message ids.
+
+Storage formats:
+
+* JSON columns hold compact JSON text (``separators=(",", ":")``, UTF-8 kept).
+  On PostgreSQL the column type is ``json`` (text kept verbatim, smaller than
+  ``jsonb``); on SQLite it is ``TEXT`` (a column declared ``JSON`` would get
+  NUMERIC affinity and turn the document ``42`` into an integer).
+* Datetimes are ``timestamptz`` on PostgreSQL; on SQLite UTC text without an
+  offset. Both come back as timezone-aware UTC datetimes.
+
+URLs: ``sqlite:///path.db`` and ``postgresql://...`` (or ``postgres://``) are
+rewritten to ``sqlite+aiosqlite`` and ``postgresql+asyncpg``. A PostgreSQL URL
+may carry ``?search_path=schema`` (not an asyncpg option: the store sends it as
+a server setting), which is how tests give each test its own schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Dialect, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError, StatementError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.types import TypeDecorator
+from sqlmodel import Field, SQLModel
+
+from engine.errors import DuplicateMessageError, StoreError, VersionConflictError
+from engine.store._codec import dumps, find_json_problem, json_problem_error, loads, utc
+from engine.store.base import (
+    ConversationKey,
+    ConversationState,
+    EntityChange,
+    MessageRecord,
+    Owner,
+    Store,
+    TurnWrite,
+)
+
+__all__ = [
+    "STORE_TABLES",
+    "ConversationRow",
+    "EntityHistoryRow",
+    "JSONDocument",
+    "MessageRow",
+    "SQLStore",
+    "UTCDateTime",
+    "database_url",
+]
+
+
+# --------------------------------------------------------------------------- column types
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (naive values are refused)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = utc(value, "datetime column")
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        tz = value.tzinfo
+        if tz is None:
+            return value.replace(tzinfo=UTC)
+        return value if tz is UTC else value.astimezone(UTC)
+
+
+class JSONDocument(TypeDecorator[Any]):
+    """Compact JSON text: ``json`` on PostgreSQL, ``TEXT`` on SQLite. ``None`` is JSON null."""
+
+    impl = sa.JSON
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(sa.Text())
+        return dialect.type_descriptor(sa.JSON(none_as_null=False))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        # On PostgreSQL the JSON impl serialises with the engine's json_serializer.
+        return dumps(value) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if dialect.name == "sqlite" and value is not None:
+            return loads(value)
+        return value
+
+
+# --------------------------------------------------------------------------- tables
+
+
+class ConversationRow(SQLModel, table=True):
+    """One conversation: its key on the channel, where it is in its flow, what it knows."""
+
+    __tablename__ = "conversation"
+    __table_args__ = (
+        sa.UniqueConstraint("channel", "account", "thread", name="uq_conversation_key"),
+        # The human-handoff queue: WHERE owner = ? ORDER BY waiting_since.
+        sa.Index("ix_conversation_owner_waiting", "owner", "waiting_since"),
+    )
+
+    id: str = Field(primary_key=True)
+    channel: str
+    account: str
+    thread: str
+    flow: str | None = None
+    state: str | None = None
+    entities: dict[str, Any] = Field(
+        default_factory=dict, sa_column=sa.Column(JSONDocument(), nullable=False)
+    )
+    results: dict[str, Any] = Field(
+        default_factory=dict, sa_column=sa.Column(JSONDocument(), nullable=False)
+    )
+    counters: dict[str, int] = Field(
+        default_factory=dict, sa_column=sa.Column(JSONDocument(), nullable=False)
+    )
+    language: str = "en"
+    owner: str = "bot"
+    owner_agent: str | None = None
+    handoff_reason: str | None = None
+    waiting_since: datetime | None = Field(
+        default=None, sa_column=sa.Column(UTCDateTime(), nullable=True)
+    )
+    summary: str = ""
+    seq: int = 0
+    version: int = 0
+    closed: bool = False
+    created_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+    updated_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+
+
+class MessageRow(SQLModel, table=True):
+    """One entry of a conversation's append-only message and event log.
+
+    ``UNIQUE(conversation_id, seq)`` is also the index for reading a
+    conversation's log. ``(channel, channel_message_id)`` is unique through a
+    partial index on rows that have a channel message id (outbound messages and
+    events usually have none, so they cost no index entry).
+    """
+
+    __tablename__ = "message"
+    __table_args__ = (
+        sa.UniqueConstraint("conversation_id", "seq", name="uq_message_conversation_seq"),
+        sa.Index(
+            "uq_message_channel_message_id",
+            "channel",
+            "channel_message_id",
+            unique=True,
+            sqlite_where=sa.text("channel_message_id IS NOT NULL"),
+            postgresql_where=sa.text("channel_message_id IS NOT NULL"),
+        ),
+    )
+
+    id: int | None = Field(
+        default=None,
+        sa_column=sa.Column(
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            primary_key=True,
+            autoincrement=True,
+        ),
+    )
+    conversation_id: str = Field(foreign_key="conversation.id", ondelete="CASCADE")
+    seq: int
+    direction: str
+    kind: str
+    author: str
+    text: str
+    data: dict[str, Any] = Field(
+        default_factory=dict, sa_column=sa.Column(JSONDocument(), nullable=False)
+    )
+    channel: str = ""
+    channel_message_id: str | None = None
+    created_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+
+
+class EntityHistoryRow(SQLModel, table=True):
+    """One change of an entity value, with provenance; ``id`` orders the changes."""
+
+    __tablename__ = "entity_history"
+    __table_args__ = (sa.Index("ix_entity_history_conversation", "conversation_id", "id"),)
+
+    id: int | None = Field(
+        default=None,
+        sa_column=sa.Column(
+            sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+            primary_key=True,
+            autoincrement=True,
+        ),
+    )
+    conversation_id: str = Field(foreign_key="conversation.id", ondelete="CASCADE")
+    name: str
+    value: Any = Field(default=None, sa_column=sa.Column(JSONDocument(), nullable=True))
+    previous: Any = Field(default=None, sa_column=sa.Column(JSONDocument(), nullable=True))
+    turn: int
+    source: str
+    created_at: datetime = Field(sa_column=sa.Column(UTCDateTime(), nullable=False))
+
+
+_conversation = SQLModel.metadata.tables["conversation"]
+_message = SQLModel.metadata.tables["message"]
+_entity_history = SQLModel.metadata.tables["entity_history"]
+
+#: The tables :meth:`SQLStore.open` creates.
+STORE_TABLES: tuple[sa.Table, ...] = (_conversation, _message, _entity_history)
+
+
+# --------------------------------------------------------------------------- statements
+
+_C = _conversation.c
+_M = _message.c
+_E = _entity_history.c
+
+_CONVERSATION_COLUMNS = (
+    _C.id,
+    _C.channel,
+    _C.account,
+    _C.thread,
+    _C.created_at,
+    _C.updated_at,
+    _C.flow,
+    _C.state,
+    _C.entities,
+    _C.results,
+    _C.counters,
+    _C.language,
+    _C.owner,
+    _C.owner_agent,
+    _C.handoff_reason,
+    _C.waiting_since,
+    _C.summary,
+    _C.seq,
+    _C.version,
+    _C.closed,
+)
+_SELECT_CONVERSATION = sa.select(*_CONVERSATION_COLUMNS)
+_LOAD = _SELECT_CONVERSATION.where(
+    _C.channel == sa.bindparam("k_channel"),
+    _C.account == sa.bindparam("k_account"),
+    _C.thread == sa.bindparam("k_thread"),
+)
+_LOAD_BY_ID = _SELECT_CONVERSATION.where(_C.id == sa.bindparam("k_id"))
+_QUEUE_ORDER = (_C.waiting_since.asc().nulls_last(), _C.updated_at.asc(), _C.id.asc())
+_INSERT_CONVERSATION = sa.insert(_conversation)
+# The SET clause comes from the parameter names (every column but the key and created_at).
+_UPDATE_CONVERSATION = sa.update(_conversation).where(
+    _C.id == sa.bindparam("w_id"), _C.version == sa.bindparam("w_version")
+)
+
+_MESSAGE_COLUMNS = (
+    _M.conversation_id,
+    _M.seq,
+    _M.direction,
+    _M.kind,
+    _M.author,
+    _M.text,
+    _M.created_at,
+    _M.data,
+    _M.channel,
+    _M.channel_message_id,
+)
+_INSERT_MESSAGE = sa.insert(_message)
+_SEEN = (
+    sa.select(_M.id)
+    .where(
+        _M.channel == sa.bindparam("k_channel"),
+        _M.channel_message_id == sa.bindparam("k_channel_message_id"),
+    )
+    .limit(1)
+)
+_MESSAGES = (
+    sa.select(*_MESSAGE_COLUMNS)
+    .where(_M.conversation_id == sa.bindparam("k_id"), _M.seq > sa.bindparam("k_after"))
+    .order_by(_M.seq)
+)
+_MESSAGES_LIMIT = _MESSAGES.limit(sa.bindparam("k_limit"))
+
+_CHANGE_COLUMNS = (
+    _E.conversation_id,
+    _E.name,
+    _E.value,
+    _E.previous,
+    _E.turn,
+    _E.source,
+    _E.created_at,
+)
+_INSERT_CHANGE = sa.insert(_entity_history)
+_HISTORY = sa.select(*_CHANGE_COLUMNS).where(_E.conversation_id == sa.bindparam("k_id"))
+_HISTORY_ALL = _HISTORY.order_by(_E.id)
+_HISTORY_ONE = _HISTORY.where(_E.name == sa.bindparam("k_name")).order_by(_E.id)
+
+
+# --------------------------------------------------------------------------- URLs
+
+
+_DRIVERS = {
+    "sqlite": "sqlite+pysqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+}
+
+
+def database_url(url: str | URL) -> tuple[URL, dict[str, Any]]:
+    """``url`` with the driver :class:`SQLStore` uses for it, and the connect args it implies.
+
+    ``sqlite://`` becomes ``sqlite+pysqlite://`` (run on the store's worker
+    thread); ``postgresql://`` and ``postgres://`` become
+    ``postgresql+asyncpg://``. Explicit drivers are kept. A PostgreSQL
+    ``search_path`` query parameter becomes an asyncpg server setting.
+    """
+    parsed = make_url(url)
+    driver = _DRIVERS.get(parsed.drivername, parsed.drivername)
+    parsed = parsed.set(drivername=driver)
+    connect_args: dict[str, Any] = {}
+    if parsed.get_backend_name() == "postgresql" and "search_path" in parsed.query:
+        search_path = parsed.query["search_path"]
+        if not isinstance(search_path, str):
+            search_path = ",".join(search_path)
+        connect_args["server_settings"] = {"search_path": search_path}
+        parsed = parsed.difference_update_query(["search_path"])
+    return parsed, connect_args
+
+
+def _set_sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+# --------------------------------------------------------------------------- the store
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+class _MessageConflict(Exception):
+    """Internal: the message INSERT hit a unique index; the turn was rolled back."""
+
+    def __init__(self, error: IntegrityError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class SQLStore(Store):
+    """Conversations in SQLite or PostgreSQL.
+
+    How statements run depends on the driver:
+
+    * ``sqlite://`` (pysqlite, the default for SQLite): a synchronous engine
+      whose work runs on one worker thread owned by the store, one thread hop
+      per store call. This is about 3x cheaper per turn than aiosqlite, which
+      hops to its thread for every cursor operation; SQLite takes one writer at
+      a time anyway.
+    * async drivers (``postgresql+asyncpg://``, the default for PostgreSQL, or
+      an explicit ``sqlite+aiosqlite://``): SQLAlchemy's async engine; each
+      store call runs in one ``AsyncConnection.run_sync`` greenlet.
+
+    The SQL is the same in both modes (SQLAlchemy Core on the sqlmodel tables).
+
+    Args:
+        url: database URL, e.g. ``sqlite:///var/helpline.db`` or
+            ``postgresql://user@host/db``; see :func:`database_url`.
+        connect_args: extra arguments for the driver's ``connect`` (merged over
+            those the URL implies, e.g. ``{"server_settings": {...}}`` for asyncpg).
+        echo: log SQL statements.
+        engine_options: further keyword arguments for ``create_engine`` /
+            ``create_async_engine`` (pool size...).
+    """
+
+    def __init__(
+        self,
+        url: str | URL,
+        *,
+        connect_args: Mapping[str, Any] | None = None,
+        echo: bool = False,
+        **engine_options: Any,
+    ) -> None:
+        parsed, implied = database_url(url)
+        options: dict[str, Any] = {
+            "connect_args": {**implied, **(connect_args or {})},
+            "echo": echo,
+            "json_serializer": dumps,
+            "json_deserializer": loads,
+            **engine_options,
+        }
+        self.url = parsed
+        self._async_engine: AsyncEngine | None = None
+        self._async_reader: AsyncEngine | None = None
+        self._sync_engine: sa.Engine | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        dialect = parsed.get_dialect()
+        if dialect.is_async:
+            self._async_engine = create_async_engine(parsed, **options)
+            engine = self._async_engine.sync_engine
+            # Reads need no transaction: skip BEGIN/ROLLBACK round trips on PostgreSQL.
+            self._async_reader = (
+                self._async_engine.execution_options(isolation_level="AUTOCOMMIT")
+                if dialect.name == "postgresql"
+                else self._async_engine
+            )
+        else:
+            if dialect.name != "sqlite":
+                raise StoreError(
+                    f"{parsed.drivername}: use an async driver for {dialect.name} "
+                    "(e.g. postgresql+asyncpg://); only SQLite may use a synchronous one"
+                )
+            engine = self._sync_engine = sa.create_engine(parsed, **options)
+        #: ``"sqlite"`` or ``"postgresql"``.
+        self.dialect: str = dialect.name
+        if self.dialect == "sqlite":
+            event.listen(engine, "connect", _set_sqlite_pragmas)
+
+    def __repr__(self) -> str:
+        return f"SQLStore({self.url.render_as_string(hide_password=True)!r})"
+
+    async def run_sync(
+        self,
+        fn: Callable[Concatenate[sa.Connection, _P], _T],
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> _T:
+        """Run ``fn(connection, *args, **kwargs)`` in one transaction, committed if it returns.
+
+        ``fn`` is synchronous and gets a SQLAlchemy :class:`~sqlalchemy.Connection`;
+        use it for reports or maintenance on the store's tables.
+        """
+        return await self._run(True, fn, *args, **kwargs)
+
+    async def _run(
+        self,
+        write: bool,
+        fn: Callable[Concatenate[sa.Connection, _P], _T],
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> _T:
+        if self._async_engine is not None:
+            if write:
+                async with self._async_engine.begin() as conn:
+                    return await conn.run_sync(fn, *args, **kwargs)
+            assert self._async_reader is not None
+            async with self._async_reader.connect() as conn:
+                return await conn.run_sync(fn, *args, **kwargs)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="helpline-sqlite")
+        call = functools.partial(self._in_thread, fn, args, kwargs, write)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def _in_thread(
+        self,
+        fn: Callable[..., _T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        write: bool,
+    ) -> _T:
+        assert self._sync_engine is not None
+        with self._sync_engine.begin() if write else self._sync_engine.connect() as conn:
+            return fn(conn, *args, **kwargs)
+
+    async def open(self) -> None:
+        try:
+            await self._run(True, _create_tables)
+        except SQLAlchemyError as error:
+            raise StoreError(f"{self!r}: cannot create tables: {error}") from error
+
+    async def close(self) -> None:
+        if self._async_engine is not None:
+            await self._async_engine.dispose()
+            return
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            assert self._sync_engine is not None
+            # SQLite connections must be closed on the thread that opened them.
+            await asyncio.get_running_loop().run_in_executor(executor, self._sync_engine.dispose)
+            executor.shutdown(wait=False)
+
+    # ----------------------------------------------------------------- reads
+
+    async def load(self, key: ConversationKey) -> ConversationState | None:
+        params = {"k_channel": key.channel, "k_account": key.account, "k_thread": key.thread}
+        try:
+            row = await self._run(False, _first, _LOAD, params)
+        except SQLAlchemyError as error:
+            raise StoreError(f"{self!r}: cannot load conversation {key}: {error}") from error
+        return None if row is None else _state(row)
+
+    async def load_by_id(self, conversation_id: str) -> ConversationState | None:
+        try:
+            row = await self._run(False, _first, _LOAD_BY_ID, {"k_id": conversation_id})
+        except SQLAlchemyError as error:
+            raise StoreError(
+                f"{self!r}: cannot load conversation {conversation_id!r}: {error}"
+            ) from error
+        return None if row is None else _state(row)
+
+    async def seen(self, channel: str, channel_message_id: str) -> bool:
+        params = {"k_channel": channel, "k_channel_message_id": channel_message_id}
+        try:
+            row = await self._run(False, _first, _SEEN, params)
+        except SQLAlchemyError as error:
+            raise StoreError(f"{self!r}: cannot look up message ids: {error}") from error
+        return row is not None
+
+    async def messages(
+        self, conversation_id: str, *, after_seq: int = 0, limit: int | None = None
+    ) -> list[MessageRecord]:
+        params: dict[str, Any] = {"k_id": conversation_id, "k_after": after_seq}
+        statement = _MESSAGES
+        if limit is not None:
+            if limit <= 0:
+                return []
+            statement = _MESSAGES_LIMIT
+            params["k_limit"] = limit
+        try:
+            rows = await self._run(False, _all, statement, params)
+        except SQLAlchemyError as error:
+            raise StoreError(f"{self!r}: cannot read messages: {error}") from error
+        return [
+            MessageRecord(
+                conversation_id=r[0],
+                seq=r[1],
+                direction=r[2],
+                kind=r[3],
+                author=r[4],
+                text=r[5],
+                created_at=r[6],
+                data=r[7],
+                channel=r[8],
+                channel_message_id=r[9],
+            )
+            for r in rows
+        ]
+
+    async def entity_history(
+        self, conversation_id: str, name: str | None = None
+    ) -> list[EntityChange]:
+        if name is None:
+            statement, params = _HISTORY_ALL, {"k_id": conversation_id}
+        else:
+            statement, params = _HISTORY_ONE, {"k_id": conversation_id, "k_name": name}
+        try:
+            rows = await self._run(False, _all, statement, params)
+        except SQLAlchemyError as error:
+            raise StoreError(f"{self!r}: cannot read entity history: {error}") from error
+        return [
+            EntityChange(
+                conversation_id=r[0],
+                name=r[1],
+                value=r[2],
+                previous=r[3],
+                turn=r[4],
+                source=r[5],
+                created_at=r[6],
+            )
+            for r in rows
+        ]
+
+    async def conversations(
+        self, *, owner: Owner | None = None, limit: int = 100
+    ) -> list[ConversationState]:
+        if limit <= 0:
+            return []
+        statement = _SELECT_CONVERSATION
+        params: dict[str, Any] = {"k_limit": limit}
+        if owner is not None:
+            statement = statement.where(_C.owner == sa.bindparam("k_owner"))
+            params["k_owner"] = owner
+        statement = statement.order_by(*_QUEUE_ORDER).limit(sa.bindparam("k_limit"))
+        try:
+            rows = await self._run(False, _all, statement, params)
+        except SQLAlchemyError as error:
+            raise StoreError(f"{self!r}: cannot list conversations: {error}") from error
+        return [_state(row) for row in rows]
+
+    # ----------------------------------------------------------------- the turn
+
+    async def commit_turn(self, write: TurnWrite) -> None:
+        conv = write.conversation
+        expected = write.expected_version
+        cid = conv.id
+        row = _conversation_params(conv, expected + 1)
+        messages = _message_params(cid, write.messages)
+        changes = _change_params(cid, write.entity_changes)
+        try:
+            await self._run(True, _commit, cid, expected, row, messages, changes)
+        except _MessageConflict as conflict:
+            raise await self._message_conflict(write, conflict.error) from conflict.error
+        except IntegrityError as error:
+            raise StoreError(f"{self!r}: turn of conversation {cid!r} refused: {error}") from error
+        except DBAPIError as error:
+            raise StoreError(f"{self!r}: cannot commit turn of {cid!r}: {error}") from error
+        except StatementError as error:
+            # A value failed in a bind processor: JSON encoding or a naive datetime.
+            if isinstance(error.orig, StoreError):
+                raise error.orig from None
+            problem = find_json_problem(write)
+            if problem is not None:
+                raise json_problem_error(*problem) from error
+            raise StoreError(f"{self!r}: cannot commit turn of {cid!r}: {error}") from error
+        except SQLAlchemyError as error:
+            raise StoreError(f"{self!r}: cannot commit turn of {cid!r}: {error}") from error
+        conv.version = expected + 1
+
+    async def _message_conflict(self, write: TurnWrite, error: IntegrityError) -> StoreError:
+        """Name the message that made the (rolled back) INSERT fail."""
+        ids = [
+            (m.channel, m.channel_message_id)
+            for m in write.messages
+            if m.channel_message_id is not None
+        ]
+        for channel, channel_message_id in ids:
+            if await self.seen(channel, channel_message_id):
+                return DuplicateMessageError(channel, channel_message_id)
+        for i, ident in enumerate(ids):
+            if ident in ids[:i]:
+                return DuplicateMessageError(*ident)
+        return StoreError(
+            f"{self!r}: messages of the turn of conversation {write.conversation.id!r} "
+            f"were refused (is a seq reused?): {error}"
+        )
+
+
+# --------------------------------------------------------------------------- statements run
+
+
+def _create_tables(conn: sa.Connection) -> None:
+    SQLModel.metadata.create_all(conn, tables=list(STORE_TABLES))
+
+
+def _first(
+    conn: sa.Connection, statement: sa.Executable, params: Mapping[str, Any]
+) -> Sequence[Any] | None:
+    return conn.execute(statement, params).first()
+
+
+def _all(
+    conn: sa.Connection, statement: sa.Executable, params: Mapping[str, Any]
+) -> Sequence[Sequence[Any]]:
+    return conn.execute(statement, params).all()
+
+
+def _commit(
+    conn: sa.Connection,
+    cid: str,
+    expected: int,
+    row: dict[str, Any],
+    messages: list[dict[str, Any]],
+    changes: list[dict[str, Any]],
+) -> None:
+    """The statements of one turn; the caller's transaction commits or rolls back."""
+    if expected == 0:
+        try:
+            conn.execute(_INSERT_CONVERSATION, row)
+        except IntegrityError as error:
+            # Another writer created this id or key first.
+            raise VersionConflictError(cid, expected) from error
+    else:
+        del row["id"], row["channel"], row["account"], row["thread"], row["created_at"]
+        row["w_id"] = cid
+        row["w_version"] = expected
+        if conn.execute(_UPDATE_CONVERSATION, row).rowcount != 1:
+            raise VersionConflictError(cid, expected)
+    if messages:
+        try:
+            conn.execute(_INSERT_MESSAGE, messages)
+        except IntegrityError as error:
+            raise _MessageConflict(error) from error
+    if changes:
+        conn.execute(_INSERT_CHANGE, changes)
+
+
+# --------------------------------------------------------------------------- mapping
+
+
+def _state(row: Sequence[Any]) -> ConversationState:
+    return ConversationState(
+        id=row[0],
+        key=ConversationKey(row[1], row[2], row[3]),
+        created_at=row[4],
+        updated_at=row[5],
+        flow=row[6],
+        state=row[7],
+        entities=row[8],
+        results=row[9],
+        counters=row[10],
+        language=row[11],
+        owner=row[12],
+        owner_agent=row[13],
+        handoff_reason=row[14],
+        waiting_since=row[15],
+        summary=row[16],
+        seq=row[17],
+        version=row[18],
+        closed=row[19],
+    )
+
+
+def _conversation_params(conv: ConversationState, version: int) -> dict[str, Any]:
+    key = conv.key
+    waiting = conv.waiting_since
+    return {
+        "id": conv.id,
+        "channel": key.channel,
+        "account": key.account,
+        "thread": key.thread,
+        "created_at": utc(conv.created_at, "conversation.created_at"),
+        "updated_at": utc(conv.updated_at, "conversation.updated_at"),
+        "flow": conv.flow,
+        "state": conv.state,
+        "entities": conv.entities,
+        "results": conv.results,
+        "counters": conv.counters,
+        "language": conv.language,
+        "owner": conv.owner,
+        "owner_agent": conv.owner_agent,
+        "handoff_reason": conv.handoff_reason,
+        "waiting_since": None if waiting is None else utc(waiting, "conversation.waiting_since"),
+        "summary": conv.summary,
+        "seq": conv.seq,
+        "version": version,
+        "closed": conv.closed,
+    }
+
+
+def _message_params(cid: str, messages: Sequence[MessageRecord]) -> list[dict[str, Any]]:
+    params = []
+    for i, m in enumerate(messages):
+        if m.conversation_id != cid:
+            raise StoreError(
+                f"message seq {m.seq} belongs to conversation {m.conversation_id!r}, "
+                f"not to {cid!r} whose turn is committed"
+            )
+        params.append(
+            {
+                "conversation_id": cid,
+                "seq": m.seq,
+                "direction": m.direction,
+                "kind": m.kind,
+                "author": m.author,
+                "text": m.text,
+                "created_at": utc(m.created_at, f"messages[{i}].created_at"),
+                "data": m.data,
+                "channel": m.channel,
+                "channel_message_id": m.channel_message_id,
+            }
+        )
+    return params
+
+
+def _change_params(cid: str, changes: Sequence[EntityChange]) -> list[dict[str, Any]]:
+    params = []
+    for i, c in enumerate(changes):
+        if c.conversation_id != cid:
+            raise StoreError(
+                f"entity change {c.name!r} belongs to conversation {c.conversation_id!r}, "
+                f"not to {cid!r} whose turn is committed"
+            )
+        params.append(
+            {
+                "conversation_id": cid,
+                "name": c.name,
+                "value": c.value,
+                "previous": c.previous,
+                "turn": c.turn,
+                "source": c.source,
+                "created_at": utc(c.created_at, f"entity_changes[{i}].created_at"),
+            }
+        )
+    return params
