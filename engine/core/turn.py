@@ -521,7 +521,10 @@ class TurnCore:
             if state.say is not None:
                 rendered = flow.say(state.say, self.conv.language, ctx)
                 if rendered is None:
+                    # Typos are caught at load time; this is a result missing a
+                    # key at run time. Never send a half-rendered sentence.
                     self.event("template_error", state=state.name)
+                    self.say(self.text("error"))
                 else:
                     self.say(rendered, quick=self.quick_replies(state))
             if state.kind == "end":
@@ -530,7 +533,10 @@ class TurnCore:
                 return
             missing = [e for e in state.collect if e not in self.conv.entities]
             if missing:
-                self.say(self.ask(flow, state, flow.entities[missing[0]]))
+                # A state's own `say` is its question ("I couldn't find that
+                # order, could you check the number?"); ask only when it has none.
+                if state.say is None:
+                    self.say(self.ask(flow, state, flow.entities[missing[0]]))
                 return
             if not state.has_done:
                 return

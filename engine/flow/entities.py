@@ -171,13 +171,15 @@ def _format_validation_error(
     first = details[0]
     option = ".".join(str(p) for p in first["loc"]) or None
     message = str(first["msg"])
-    if first["type"] == "extra_forbidden":
-        unknown = str(first["loc"][-1])
+    if first["type"] == "extra_forbidden" and len(first["loc"]) == 1:
+        unknown = str(first["loc"][0])
         known = sorted(fields)
         message = f"unknown option {unknown!r}; known options: {', '.join(known)}"
         close = _closest(unknown, known)
         if close:
             message += f" (did you mean {close!r}?)"
+    elif first["type"] == "extra_forbidden":
+        message = f"unknown key {first['loc'][-1]!r}"
     elif first["type"] == "missing":
         message = "this option is required"
     elif message.startswith("Value error, "):
@@ -370,6 +372,11 @@ class StringOptions(EntityOptions):
             raise ValueError(f"regular expression does not compile{where}: {exc.msg}") from None
         if compiled.fullmatch(""):
             raise ValueError("regular expression matches the empty string; make it require text")
+        flags, body = _split_pattern(value)
+        try:
+            re.compile(f"{flags}(?<![A-Za-z0-9])(?:{body})(?![A-Za-z0-9])")
+        except re.error as exc:
+            raise ValueError(f"regular expression cannot be searched for: {exc.msg}") from None
         return value
 
     @model_validator(mode="after")
@@ -381,6 +388,31 @@ class StringOptions(EntityOptions):
         ):
             raise ValueError(f"min_length {self.min_length} is above max_length {self.max_length}")
         return self
+
+
+_GLOBAL_FLAGS_RE = re.compile(r"\(\?[aiLmsux]+\)")
+
+
+def _split_pattern(pattern: str) -> tuple[str, str]:
+    """Split a pattern into leading global flags and a body without outer anchors.
+
+    Flow authors often write ``^HL\\d{8}$``; the value must match whole anyway,
+    and anchors would stop the pattern from being found inside a message.
+    Global flags such as ``(?i)`` must stay at the very start once wrapped.
+    """
+    flags = ""
+    while m := _GLOBAL_FLAGS_RE.match(pattern):
+        flags += m.group()
+        pattern = pattern[m.end() :]
+    if pattern.startswith("^"):
+        pattern = pattern[1:]
+    elif pattern.startswith("\\A"):
+        pattern = pattern[2:]
+    if pattern.endswith("\\Z") and not pattern.endswith("\\\\Z"):
+        pattern = pattern[:-2]
+    elif pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1]
+    return flags, pattern
 
 
 # Separators tolerated inside a value when allow_separators is on.
@@ -412,10 +444,11 @@ class StringEntity(EntityType):
             # would never match; ASCII-alphanumeric lookarounds do. Extraction
             # runs on folded (lower-cased) text, hence IGNORECASE there always;
             # parse() re-checks the case-sensitive pattern on the original.
+            flags_prefix, body = _split_pattern(pattern)
             self._search = re.compile(
-                f"(?<![A-Za-z0-9])(?:{pattern})(?![A-Za-z0-9])", re.IGNORECASE
+                f"{flags_prefix}(?<![A-Za-z0-9])(?:{body})(?![A-Za-z0-9])", re.IGNORECASE
             )
-            self._loose = re.compile(f"(?:{pattern})", re.IGNORECASE)
+            self._loose = re.compile(f"{flags_prefix}(?:{body})", re.IGNORECASE)
 
     def _normalise(self, text: str) -> str:
         if self.options.normalize == "upper":
@@ -445,7 +478,7 @@ class StringEntity(EntityType):
                 original, f"is {len(text)} characters; at most {opts.max_length} allowed"
             )
         if self._full is not None and not self._full.fullmatch(text):
-            raise self._error(original, f"does not look like {self.describe()}")
+            raise self._error(original, f"expected {self.describe()}")
         return text
 
     def parse(self, value: object, *, today: date | None = None) -> str:
@@ -468,6 +501,14 @@ class StringEntity(EntityType):
     def extract(self, text: str, *, today: date | None = None) -> list[Match]:
         if self._search is None or not text:
             return []
+        if len(text) <= MAX_VALUE_LENGTH:
+            # The whole message is the value (the answer to "what's your order
+            # number?", or a free-text pattern such as an address).
+            whole = self._accept(text)
+            if whole is not None:
+                start = len(text) - len(text.lstrip(_EDGE_PUNCT))
+                end = len(text.rstrip(_EDGE_PUNCT))
+                return [Match(whole, start, max(start, end), 1.0)]
         folded = fold(text)
         found: list[Match] = []
         for m in self._search.finditer(folded):
@@ -695,6 +736,8 @@ class IntegerEntity(EntityType):
             raise self._error(value, "expected a whole number such as 3, 三 or three")
         number = self._number_of(m)
         if number is None:
+            if m.group("arabic") is not None:
+                raise self._error(value, "is too large")
             raise self._error(value, "expected a whole number such as 3, 三 or three")
         return -number if m.group("sign") == "-" else number
 
@@ -894,7 +937,7 @@ def _money_regex(*, english_numbers: bool) -> re.Pattern[str]:
         )
         (?P<num>\d{{1,3}}(?:,\d{{3}})+(?:\.\d+)?|\d++(?:\.\d+)?
            |{_CN_NUM_CLASS}++{words})
-        (?P<wan>\s*[万萬](?!元|块))?
+        (?P<wan>\s*[万萬])?
         (?:\s*(?P<suf>{_alternation(m for m in _SUFFIX_MARKERS if not m.isascii())}
              |{_alternation(_JIAO_MARKERS)}
              |(?<![a-z])(?:{_alternation(_ASCII_WORD_MARKERS)})(?![a-z])))?
@@ -1021,10 +1064,16 @@ class MoneyEntity(EntityType):
                 f"(accepted: {', '.join(self.currencies)})"
             )
         if self.options.min is not None and quantized < self.options.min:
-            raise _MoneyProblem(f"must be at least {self.options.min:.2f} {self.options.currency}")
+            raise _MoneyProblem(f"must be at least {self._bound_text(self.options.min)}")
         if self.options.max is not None and quantized > self.options.max:
-            raise _MoneyProblem(f"must be at most {self.options.max:.2f} {self.options.currency}")
+            raise _MoneyProblem(f"must be at most {self._bound_text(self.options.max)}")
         return {"amount": f"{quantized:.2f}", "currency": currency}
+
+    def _bound_text(self, bound: Decimal) -> str:
+        # Bounds apply to the amount whatever its currency; name the currency
+        # only when there is just one.
+        only = self.currencies[0] if len(self.currencies) == 1 else ""
+        return f"{bound:.2f} {only}".rstrip()
 
     def parse(self, value: object, *, today: date | None = None) -> dict[str, JSONValue]:
         try:
@@ -1142,8 +1191,6 @@ class MoneyEntity(EntityType):
             digits = num.replace(",", "")
             if len(digits.split(".")[0]) > 13:
                 raise _MoneyProblem("is implausibly large")
-            if "." in digits and len(digits.split(".")[1]) > 2 and digits.rstrip("0")[-1] != ".":
-                raise _MoneyProblem("has more than 2 decimal places")
             try:
                 return Decimal(digits)
             except InvalidOperation:
@@ -1194,8 +1241,8 @@ class MoneyEntity(EntityType):
         after = folded[end : end + 8]
         if after[:1].isascii() and after[:1].isalpha():
             return None  # "15pro", "3pcs"
-        if _NOT_QUANTITY_AFTER_RE.match(after) and not after.lstrip().startswith((".", ",")):
-            return None
+        if _NOT_QUANTITY_AFTER_RE.match(after):
+            return None  # a date, a time, a percentage, a malformed "3,12"
         if _MEASURE_RE.match(after):
             return None  # "3个" is a quantity
         if len(num.replace(",", "").split(".")[0]) > 7:
@@ -1921,7 +1968,8 @@ class EnumEntity(EntityType):
             word, _, word_end = spans[j]
             if _CLAUSE_BREAK_RE.search(folded, word_end, start):
                 break
-            if word in _NEGATIONS_EN:
+            if word in _NEGATIONS_EN and (back == 1 or word != "no"):
+                # "no damage" is negated, but "No it's broken" is an answer.
                 return True
         return False
 
@@ -1936,10 +1984,10 @@ class EnumEntity(EntityType):
         found: list[Match] = []
         spans = textnorm.word_spans(text)
         if self._cjk_re is not None:
+            starts = [s[1] for s in spans]
             for m in self._cjk_re.finditer(folded):
-                if self._negated_at(
-                    folded, m.start(), spans, bisect.bisect_left([s[1] for s in spans], m.start())
-                ):
+                index = bisect.bisect_left(starts, m.start())
+                if self._negated_at(folded, m.start(), spans, index):
                     continue
                 conf = 0.7 if len(m.group()) == 1 else 0.9
                 found.append(Match(self._cjk_values[m.group()], m.start(), m.end(), conf))
@@ -2136,8 +2184,8 @@ class PhoneEntity(EntityType):
                 raise ValueError("only Chinese numbers are accepted here")
             if not 8 <= len(digits) <= 15:
                 raise ValueError(
-                    f"has {len(digits)} digits after the country code prefix; "
-                    "international numbers have 8 to 15"
+                    f"has {len(digits)} digits; international numbers have 8 to 15 "
+                    "including the country code"
                 )
             return "+" + digits, 0.9
         if m.group("cn"):
@@ -2156,7 +2204,10 @@ class PhoneEntity(EntityType):
             if not self.options.landline:
                 raise ValueError("only mobile numbers are accepted here")
             return "+86" + national
-        raise ValueError("is not a valid Chinese phone number (mobile: 11 digits starting 13-19)")
+        raise ValueError(
+            "is not a valid Chinese number (mobiles have 11 digits starting 13-19); "
+            "numbers from other countries need their country code, e.g. +44 20 7946 0958"
+        )
 
     def parse(self, value: object, *, today: date | None = None) -> str:
         text = _clean_text_value(self.name, value, allow_int=True)

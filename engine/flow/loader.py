@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 from jinja2 import TemplateError, TemplateNotFound, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -112,7 +111,7 @@ class _Checker:
         for name in spec.entities:
             if name not in collected:
                 self.warn(("entities", name), f"entity {name!r} is never collected by a state",
-                          f"add it to a state's `collect:` or remove it")
+                          "add it to a state's `collect:` or remove it")
         if self.problems and any(p.severity == "error" for p in self.problems):
             return None
         assert spec.handoff is not None  # checked in check_graph
@@ -137,7 +136,12 @@ class _Checker:
             try:
                 etype = ENTITY_TYPES[e.type].from_options(name, e.type_options())
             except (ValueError, TypeError) as exc:
-                self.error(path, f"entity {name!r}: {exc}",
+                # EntityOptionError names the offending option ("pattern", "values.x.label").
+                option: str | None = getattr(exc, "option", None)
+                where: tuple[str | int, ...] = path
+                if option:
+                    where = (*path, *(int(p) if p.isdigit() else p for p in option.split(".")))
+                self.error(where, f"entity {name!r}: {exc}",
                            f"see the options of type {e.type!r} in docs/flows.md")
                 continue
             ask = self.text(e.ask, (*path, "ask"), set(), spec) if e.ask is not None else None
@@ -160,7 +164,8 @@ class _Checker:
                        "add `handoff: {state: human}` and a state `human` with `type: handoff`;"
                        " customers must always be able to reach a person")
         elif spec.handoff.state not in states:
-            self.error(("handoff", "state"), f"handoff state {spec.handoff.state!r} is not defined",
+            self.error(("handoff", "state"),
+                       f"handoff state {spec.handoff.state!r} is not defined",
                        "add a state of `type: handoff` with that name")
         elif states[spec.handoff.state].type != "handoff":
             self.error(("handoff", "state"),
@@ -177,7 +182,8 @@ class _Checker:
                                    f"did you mean {near!r}?" if near else "define that state")
                     elif t.reason and states[t.to].type != "handoff":
                         self.warn(("states", sname, "on", trigger, i, "reason"),
-                                  f"`reason:` only matters on transitions into a handoff state")
+                                  "`reason:` only matters on transitions into a handoff state",
+                                  "remove `reason:` or point the transition at the handoff state")
             if state.type == "normal" and not state.on:
                 self.error(("states", sname), f"state {sname!r} is a dead end: it is not "
                            "terminal and has no transitions",
@@ -287,9 +293,11 @@ class _Checker:
         try:
             guard = parse_guard(source)
         except GuardSyntaxError as exc:
-            line, col = self.src.where(path)
+            line, col = self.src.scalar_start(path)
             if line is not None and col is not None and exc.position is not None:
-                col += exc.position
+                before = source[:exc.position]
+                line += before.count("\n")  # a multi-line `|` guard
+                col += len(before.rsplit("\n", 1)[-1])
             self.problems.append(Problem(self.src.file, line, col, str(exc),
                                          "see the guard language in docs/flows.md"))
             return None
@@ -323,7 +331,7 @@ class _Checker:
             try:
                 refs = template_refs(self.env, src)
             except TemplateSyntaxError as exc:
-                line, _ = self.src.where(vpath)
+                line, _ = self.src.scalar_start(vpath)
                 self.problems.append(Problem(self.src.file, (line or 1) + max(exc.lineno - 1, 0),
                                              None, f"template syntax error: {exc.message}",
                                              "check the {{ }} and {% %} markup"))
@@ -342,11 +350,15 @@ class _Checker:
         collected: set[str], transitions: Mapping[tuple[str, str], list[MachineTransition]],
     ) -> dict[str, State]:
         out: dict[str, State] = {}
+        flow_prompt_checked = False  # the flow-level prompt is reported once, not per state
         for sname, s in spec.states.items():
             path = ("states", sname)
             prompt = s.prompt or spec.prompt
-            self.check_prompt(prompt, (*path, "prompt") if s.prompt else ("prompt",),
-                              spec, results, collected)
+            if s.prompt:
+                self.check_prompt(prompt, (*path, "prompt"), spec, results, collected)
+            elif not flow_prompt_checked:
+                self.check_prompt(prompt, ("prompt",), spec, results, collected)
+                flow_prompt_checked = True
             say = self.text(s.say, (*path, "say"), results, spec, collected) if s.say else None
             reprompt = (self.text(s.reprompt, (*path, "reprompt"), results, spec, collected)
                         if s.reprompt else None)

@@ -83,7 +83,11 @@ def template_refs(env: ImmutableSandboxedEnvironment, source: str) -> TemplateRe
     ast = env.parse(source)
     refs = TemplateRefs()
     refs.roots = set(meta.find_undeclared_variables(ast))
+    # ``entities.items()`` calls a method; it does not read an entity named ``items``.
+    callees = {id(node.node) for node in _walk(ast) if isinstance(node, nodes.Call)}
     for node in _walk(ast):
+        if isinstance(node, nodes.Getattr) and id(node) in callees:
+            continue
         if isinstance(node, nodes.Getattr | nodes.Name):
             path = _dotted(node)
             if path and path[0] in refs.roots:

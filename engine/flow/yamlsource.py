@@ -7,12 +7,14 @@ would silently break flow files; ruamel also keeps line and column marks.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError
 
 from engine.errors import Problem
@@ -23,6 +25,8 @@ Path_ = tuple[str | int, ...]
 
 #: Flow files are small; a huge file is a mistake or an attack on the loader.
 MAX_FLOW_BYTES = 1_000_000
+#: The line breaks YAML counts (so ``lines`` agrees with ruamel's line numbers).
+_LINE_BREAK = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")
 
 
 @dataclass
@@ -33,6 +37,8 @@ class Located:
     data: Any
     values: dict[Path_, tuple[int, int]] = field(default_factory=dict)
     keys: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    #: The source text, one entry per line.
+    lines: list[str] = field(default_factory=list)
 
     def where(self, path: Path_, *, key: bool = False) -> tuple[int | None, int | None]:
         """1-based (line, column) of ``path``, or of its nearest located ancestor."""
@@ -45,6 +51,26 @@ class Located:
                 return self.keys[probe]
             probe = probe[:-1]
         return (1, 1)
+
+    def scalar_start(self, path: Path_) -> tuple[int | None, int | None]:
+        """1-based (line, column) of the first character of the text of the scalar at ``path``.
+
+        That is after an opening quote, or on the first content line of a ``|``/``>``
+        block scalar; positions inside the text (a guard's error column, a template's
+        error line) are counted from here.
+        """
+        line, col = self.where(path)
+        if line is None or col is None or not 0 < line <= len(self.lines):
+            return line, col
+        char = self.lines[line - 1][col - 1:col]
+        if char in ("'", '"'):
+            return line, col + 1
+        if char in ("|", ">"):
+            for number in range(line + 1, len(self.lines) + 1):
+                content = self.lines[number - 1]
+                if content.strip():
+                    return number, len(content) - len(content.lstrip()) + 1
+        return line, col
 
     def problem(self, path: Path_, message: str, hint: str = "", *, key: bool = False,
                 severity: str = "error") -> Problem:
@@ -89,7 +115,10 @@ def load_located(path: Path) -> tuple[Located | None, list[Problem]]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return None, [Problem(name, None, None, f"not UTF-8 text (byte {exc.start})",
+        before = raw[:exc.start]
+        bad_line = before.count(b"\n") + 1
+        bad_col = len(before) - (before.rfind(b"\n") + 1) + 1  # in bytes
+        return None, [Problem(name, bad_line, bad_col, f"not UTF-8 text (byte {exc.start})",
                               "save the file as UTF-8")]
     yaml = YAML(typ="rt")
     yaml.allow_duplicate_keys = False
@@ -97,16 +126,22 @@ def load_located(path: Path) -> tuple[Located | None, list[Problem]]:
         doc = yaml.load(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        hint = "check indentation, quotes and colons on this line"
+        if isinstance(exc, DuplicateKeyError):
+            hint = "every key may appear only once in a mapping; remove or rename one"
+        elif exc.context_mark and exc.problem and "end of stream" in exc.problem:
+            # An unclosed quote or bracket: where it was opened, not the end of the file.
+            mark = exc.context_mark
+            hint = "close the quote or bracket opened here"
         line = mark.line + 1 if mark else None
         col = mark.column + 1 if mark else None
         what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
-        return None, [Problem(name, line, col, f"invalid YAML: {what}",
-                              "check indentation, quotes and colons on this line")]
+        return None, [Problem(name, line, col, f"invalid YAML: {what}", hint)]
     except Exception as exc:  # ruamel raises several non-marked errors (e.g. duplicate keys)
         return None, [Problem(name, None, None, f"invalid YAML: {exc}")]
     if not isinstance(doc, CommentedMap):
         return None, [Problem(name, 1, 1, "a flow file must be a mapping at the top level",
                               "start the file with `flow: <name>`")]
-    located = Located(name, None)
+    located = Located(name, None, lines=_LINE_BREAK.split(text))
     located.data = _plain(doc, (), located)
     return located, []

@@ -13,6 +13,7 @@ Timeouts and retries are explicit (the SDK's defaults are 600 s and 2).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
+import httpx
 from anthropic import AsyncAnthropic
 from pydantic import ValidationError
 
@@ -83,6 +85,12 @@ class _Usage:
     last_request_tokens: list[int] = field(default_factory=list)
 
 
+def _token_count(usage: Any, name: str) -> int:
+    """A token count from a response's usage; 0 when missing or not a count."""
+    value = getattr(usage, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
 def _error_kind(exc: Exception) -> str:
     if isinstance(exc, anthropic.APITimeoutError):
         return "timeout"
@@ -142,12 +150,20 @@ class ClaudeModel(Model):
     async def _create(self, role: str, **kwargs: Any) -> anthropic.types.Message:
         model = self.models.resolve(role)
         started = time.perf_counter()
-        try:
-            message = await self.client.messages.create(model=model, **kwargs)
-        except anthropic.APIError as exc:
-            kind = _error_kind(exc)
+
+        def failed(kind: str) -> None:
             self.recorder.record(model=model, role=role, seconds=time.perf_counter() - started,
                                  usage={}, ok=False, error=kind)
+
+        try:
+            message = await self.client.messages.create(model=model, **kwargs)
+        except anthropic.APIResponseValidationError as exc:
+            failed("bad_response")
+            raise ModelOutputError(f"claude {role} answer is not a valid Messages response: "
+                                   f"{exc.message}") from exc
+        except anthropic.APIError as exc:
+            kind = _error_kind(exc)
+            failed(kind)
             request_id = getattr(exc, "request_id", None)
             detail = f"{kind}: {exc.message if hasattr(exc, 'message') else exc}"
             if request_id:
@@ -155,12 +171,30 @@ class ClaudeModel(Model):
             if kind in ("timeout", "connection", "rate_limit", "overloaded", "server"):
                 raise ModelUnavailableError(f"claude {role} call failed: {detail}") from exc
             raise ModelError(f"claude {role} call failed: {detail}") from exc
+        except httpx.TransportError as exc:
+            # The SDK wraps transport errors of plain requests, but not every one
+            # (a connection dropped while a body is read, e.g. RemoteProtocolError).
+            failed("connection")
+            raise ModelUnavailableError(f"claude {role} call failed: connection: "
+                                        f"{type(exc).__name__}: {exc}") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            # A 200 whose body is not JSON: the SDK raises the decoder's error as is.
+            failed("bad_response")
+            raise ModelOutputError(f"claude {role} answer is not JSON: {exc}") from exc
+        if not isinstance(message, anthropic.types.Message) or not isinstance(
+            message.content, list
+        ):
+            # A 200 with JSON (or text) that is not a message: the SDK does not
+            # validate responses, so a wrong shape arrives as a str, list or hollow Message.
+            failed("bad_response")
+            raise ModelOutputError(f"claude {role} answer is not a Messages response "
+                                   f"({type(message).__name__})")
         usage = message.usage
         counts = {
-            "input": usage.input_tokens,
-            "output": usage.output_tokens,
-            "cache_read": usage.cache_read_input_tokens or 0,
-            "cache_creation": usage.cache_creation_input_tokens or 0,
+            "input": _token_count(usage, "input_tokens"),
+            "output": _token_count(usage, "output_tokens"),
+            "cache_read": _token_count(usage, "cache_read_input_tokens"),
+            "cache_creation": _token_count(usage, "cache_creation_input_tokens"),
         }
         self.usage.calls += 1
         self.usage.input_tokens += counts["input"]
@@ -174,10 +208,12 @@ class ClaudeModel(Model):
     @staticmethod
     def _tool_input(message: anthropic.types.Message, tool: str) -> Mapping[str, Any]:
         for block in message.content:
-            if block.type == "tool_use" and block.name == tool:
-                if not isinstance(block.input, dict):
-                    raise ModelOutputError(f"{tool} input is not an object")
-                return block.input
+            if getattr(block, "type", None) != "tool_use" or getattr(block, "name", None) != tool:
+                continue
+            value = getattr(block, "input", None)
+            if not isinstance(value, dict):
+                raise ModelOutputError(f"{tool} input is not an object")
+            return value
         raise ModelOutputError(f"the model did not call {tool} (stop_reason "
                                f"{message.stop_reason})")
 
@@ -210,7 +246,8 @@ class ClaudeModel(Model):
                     },
                     "satisfaction": {"type": "integer", "minimum": 1, "maximum": 5,
                                      "description": "Your estimate of the customer's "
-                                                    "satisfaction right now (1 angry .. 5 happy)."},
+                                                    "satisfaction right now "
+                                                    "(1 angry .. 5 happy)."},
                     "wants_human": {"type": "boolean",
                                     "description": "True if the customer asks for a human."},
                     "language": {"type": "string", "enum": ["en", "zh", "mixed"]},
@@ -348,7 +385,9 @@ class ClaudeModel(Model):
             system=system,
             messages=[{"role": "user", "content": f"<transcript>\n{transcript}\n</transcript>"}],
         )
-        text = "".join(b.text for b in message.content if b.type == "text").strip()
+        parts = [getattr(b, "text", None) for b in message.content
+                 if getattr(b, "type", None) == "text"]
+        text = "".join(p for p in parts if isinstance(p, str)).strip()
         if not text:
             raise ModelOutputError("the summary came back empty")
         return text

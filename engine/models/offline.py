@@ -13,8 +13,9 @@ is unavailable, so it must be good on realistic phrasing, not only keywords.
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -63,6 +64,7 @@ def _stem(word: str) -> str:
 @dataclass(frozen=True, slots=True)
 class _Features:
     words: tuple[str, ...]
+    wordset: frozenset[str]
     bigrams: frozenset[str]
     chars: frozenset[str]
     negated: bool
@@ -77,7 +79,8 @@ def _features(norm: str) -> _Features:
     chars = frozenset(c for r in runs for c in r)
     cleaned = _ZH_NOT_NEGATION.sub("", norm)
     negated = bool(set(_WORD.findall(norm)) & _NEGATORS) or bool(_ZH_NEGATION.search(cleaned))
-    return _Features(words, bigrams, chars, negated, sum(len(r) for r in runs))
+    return _Features(words, frozenset(words), bigrams, chars, negated,
+                     sum(len(r) for r in runs))
 
 
 def _word_score(word: str, candidates: Iterable[str]) -> float:
@@ -95,63 +98,180 @@ def _word_score(word: str, candidates: Iterable[str]) -> float:
     return best
 
 
-class Similarity:
-    """How well a message matches an example phrase (0..1), negation-aware.
+def _coverage(items: Iterable[str], other: Collection[str], idf: Mapping[str, float],
+              fuzzy: bool) -> tuple[float, float]:
+    """(IDF-weighted share of ``items`` found in ``other``, total weight)."""
+    got = total = 0.0
+    for item in items:
+        weight = idf.get(item, _UNSEEN_IDF)
+        total += weight
+        if fuzzy:
+            got += weight * _word_score(item, other)
+        elif item in other:
+            got += weight
+    return (got / total if total else 0.0), total
 
-    The score is the larger of the example's coverage by the message (long
-    messages that contain the phrase) and, slightly discounted, the message's
-    coverage by the example (short messages such as "退款" or "refund" that
-    are part of a longer example).
+
+class Similarity:
+    """How well a message matches one example phrase (0..1).
+
+    Words, Chinese bigrams and Chinese characters are weighted by inverse
+    document frequency over the examples being compared, so "return" decides
+    between "return my order" and "track my order", not "order". The score is
+    the larger of the example's coverage by the message (long messages that
+    contain the phrase) and, discounted, the message's coverage by the example
+    (short messages such as "退钱" that are part of a longer example).
     """
 
     @staticmethod
-    def score(message: _Features, example: _Features) -> float:
-        recall: list[tuple[float, int]] = []
-        precision: list[tuple[float, int]] = []
+    def score(message: _Features, example: _Features, idf: Mapping[str, float],
+              view: _View | None = None) -> float:
+        recall: list[tuple[float, float]] = []
+        precision: list[tuple[float, float]] = []
         if example.words:
-            hits = [_word_score(w, message.words) for w in example.words]
-            recall.append((sum(hits) / len(example.words), len(example.words)))
-            if message.words:
-                back = [_word_score(w, example.words) for w in message.words]
-                precision.append((sum(back) / len(message.words), len(message.words)))
-        if example.cjk_len:
-            if example.cjk_len == 1 or not example.bigrams:
-                hit_c = len(example.chars & message.chars) / max(len(example.chars), 1)
+            if view is None:
+                recall.append(_coverage(example.words, message.words, idf, True))
+                if message.words:
+                    precision.append(_coverage(message.words, example.words, idf, True))
             else:
-                hit_c = len(example.bigrams & message.bigrams) / len(example.bigrams)
-            recall.append((hit_c, max(1, example.cjk_len // 2)))
+                recall.append(view.recall(example, idf))
+                if message.words:
+                    precision.append(view.precision(example, idf))
+        if example.cjk_len:
+            bigram = _coverage(example.bigrams, message.bigrams, idf, False) \
+                if example.bigrams else (0.0, 0.0)
+            chars = _coverage(example.chars, message.chars, idf, False)
+            # Characters catch split words ("退个款" for "退款"), at a discount.
+            if bigram[0] >= 0.8 * chars[0] and example.bigrams:
+                recall.append(bigram)
+            else:
+                recall.append((0.8 * chars[0], chars[1]))
             if message.bigrams and example.bigrams:
-                back_c = len(example.bigrams & message.bigrams) / len(message.bigrams)
-                precision.append((back_c, max(1, message.cjk_len // 2)))
+                precision.append(_coverage(message.bigrams, example.bigrams, idf, False))
         if not recall:
             return 0.0
         score = _weighted(recall)
         if precision:
             score = max(score, 0.85 * _weighted(precision))
-        if message.negated != example.negated:
-            score *= 0.45
         return score
 
 
-def _weighted(parts: list[tuple[float, int]]) -> float:
+def _weighted(parts: list[tuple[float, float]]) -> float:
     total = sum(w for _, w in parts)
-    return sum(s * w for s, w in parts) / total
+    return sum(s * w for s, w in parts) / total if total else 0.0
+
+
+_UNSEEN_IDF = 1.0
+
+
+class _View:
+    """A message's word matches against one index's vocabulary, computed once."""
+
+    __slots__ = ("hits", "near", "words")
+
+    def __init__(self, message: _Features, near: Callable[[str], tuple[str, ...]]) -> None:
+        self.words = message.words
+        self.hits: dict[str, float] = {}
+        self.near: dict[str, frozenset[str]] = {}
+        for word in message.words:
+            self.hits[word] = 1.0
+            close = frozenset(near(word))
+            self.near[word] = close
+            for v in close:
+                if v != word:
+                    self.hits.setdefault(v, 0.8)
+
+    def recall(self, example: _Features, idf: Mapping[str, float]) -> tuple[float, float]:
+        got = total = 0.0
+        for w in example.words:
+            weight = idf.get(w, _UNSEEN_IDF)
+            total += weight
+            got += weight * self.hits.get(w, 0.0)
+        return (got / total if total else 0.0), total
+
+    def precision(self, example: _Features, idf: Mapping[str, float]) -> tuple[float, float]:
+        got = total = 0.0
+        words = example.wordset
+        for w in self.words:
+            weight = idf.get(w, _UNSEEN_IDF)
+            total += weight
+            if w in words:
+                got += weight
+            elif self.near[w] & words:
+                got += 0.8 * weight
+        return (got / total if total else 0.0), total
+
+
+class _Index:
+    """Examples of several labels (intents or flows), prepared for scoring."""
+
+    def __init__(self, labelled: Sequence[tuple[str, Sequence[str]]]) -> None:
+        self.items: list[tuple[str, _Features, int]] = []
+        self.negative: set[str] = set()
+        df: dict[str, int] = {}
+        for label, examples in labelled:
+            for ex in examples:
+                feats = _features(normalize(ex))
+                self.items.append((label, feats, len(feats.words) + feats.cjk_len))
+                if feats.negated:
+                    self.negative.add(label)
+                for token in {*feats.words, *feats.bigrams, *feats.chars}:
+                    df[token] = df.get(token, 0) + 1
+        n = max(len(self.items), 1)
+        self.idf = {t: math.log(1.0 + n / d) for t, d in df.items()}
+        # Inverted index: only examples sharing a token with the message are
+        # scored (a state has dozens of examples; a message touches a few).
+        self.by_token: dict[str, list[int]] = {}
+        for i, (_, feats, _) in enumerate(self.items):
+            for token in {*feats.words, *feats.chars}:
+                self.by_token.setdefault(token, []).append(i)
+        self.vocab = frozenset(t for t in self.by_token if t.isascii())
+        self._fuzzy: dict[str, tuple[str, ...]] = {}
+
+    def _near(self, word: str) -> tuple[str, ...]:
+        found = self._fuzzy.get(word)
+        if found is None:
+            found = tuple(v for v in self.vocab if v != word and _word_score(word, (v,)) > 0)
+            if len(self._fuzzy) < 4096:
+                self._fuzzy[word] = found
+        return found
+
+    def candidates(self, message: _Features) -> set[int]:
+        out: set[int] = set()
+        for word in message.words:
+            out.update(self.by_token.get(word, ()))
+            for near in self._near(word):
+                out.update(self.by_token.get(near, ()))
+        for char in message.chars:
+            out.update(self.by_token.get(char, ()))
+        return out
+
+    def rank(self, message: _Features, *, negation: bool) -> list[tuple[float, int, str]]:
+        """Best (score, size, label) per label, best first."""
+        best: dict[str, tuple[float, int, str]] = {}
+        view = _View(message, self._near)
+        for i in self.candidates(message):
+            label, feats, size = self.items[i]
+            score = Similarity.score(message, feats, self.idf, view)
+            # "that's not right" must not confirm. Labels with negative
+            # examples of their own (deny, cancel) are exempt: their
+            # positive-looking examples ("cancel") still fit "nah cancel it".
+            if negation and message.negated and not feats.negated \
+                    and label not in self.negative:
+                score *= 0.45
+            if label not in best or (score, size) > best[label][:2]:
+                best[label] = (score, size, label)
+        return sorted(best.values(), reverse=True)
+
+
+@lru_cache(maxsize=1024)
+def _index(labelled: tuple[tuple[str, tuple[str, ...]], ...]) -> _Index:
+    return _Index(labelled)
 
 
 def similarity(message: str, example: str) -> float:
-    return Similarity.score(_features(normalize(message)), _features(normalize(example)))
-
-
-def _best(message: _Features, examples: Sequence[str]) -> tuple[float, int]:
-    """Best score and the matched example's size (longer matches win ties)."""
-    best, size = 0.0, 0
-    for ex in examples:
-        feats = _features(normalize(ex))
-        s = Similarity.score(message, feats)
-        n = len(feats.words) + feats.cjk_len
-        if s > best + 1e-9 or (abs(s - best) <= 1e-9 and n > size):
-            best, size = s, n
-    return best, size
+    """Similarity of one message to one example (uniform weights)."""
+    return Similarity.score(_features(normalize(message)), _features(normalize(example)), {})
 
 
 class OfflineModel(Model):
@@ -212,13 +332,11 @@ class OfflineModel(Model):
     def intent(self, norm: str, triggers: Sequence[tuple[str, Sequence[str]]]) -> str | None:
         if not triggers:
             return None
-        message = _features(norm)
-        scored = []
-        for name, examples in triggers:
-            score, size = _best(message, examples)
-            scored.append((score, size, name))
-        scored.sort(reverse=True)
-        score, _, name = scored[0]
+        index = _index(tuple((name, tuple(examples)) for name, examples in triggers))
+        ranked = index.rank(_features(norm), negation=True)
+        if not ranked:
+            return None
+        score, _, name = ranked[0]
         return name if score >= self.intent_threshold else None
 
     async def route(self, request: RouteRequest) -> RouteDecision:
@@ -226,12 +344,10 @@ class OfflineModel(Model):
         if asks_for_human(norm):
             return RouteDecision(None, wants_human=True, confidence=1.0)
         satisfaction = estimate_satisfaction(norm)
-        message = _features(norm)
-        best: tuple[float, int, str] | None = None
-        for c in request.candidates:
-            score, size = _best(message, c.examples)
-            if best is None or (score, size) > best[:2]:
-                best = (score, size, c.flow)
+        index = _index(tuple((c.flow, tuple(c.examples)) for c in request.candidates))
+        # Negation says nothing about the topic ("快递还没到" is about delivery).
+        ranked = index.rank(_features(norm), negation=False)
+        best = ranked[0] if ranked else None
         if best is None or best[0] < self.route_threshold:
             return RouteDecision(None, confidence=best[0] if best else 0.0,
                                  satisfaction=satisfaction)

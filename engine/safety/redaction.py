@@ -38,19 +38,31 @@ or end inside a longer run of letters or digits:
 
 * a number glued to letters (``SF…``, ``HL…``) is an identifier, never a phone or card;
 * cards must start with a digit that card networks use (2-6, 8), be grouped like a card
-  (no separators, or groups of 3-6 digits with one separator kind), pass Luhn, and an
-  ungrouped run right after "order"/"tracking"/订单/运单/快递… is taken as that number;
+  (no separators, or groups of 3-6 digits), pass Luhn, and an ungrouped run right
+  after "order"/"tracking"/"SKU"/a courier name/订单/运单/快递… is taken as that
+  number, as is a 13-digit run that is a valid EAN-13 barcode (unless "card"/卡 is
+  nearby). An ungrouped run with no context that passes Luhn (1 in 10 random numbers)
+  is still treated as a card: when in doubt, redact;
+* resident IDs need a province code, a birth date that exists and is not in the future,
+  and the check character, so random 18-digit order numbers do not qualify;
 * landlines need a real area code set off by a separator or parentheses, so dates,
-  amounts and plain digit strings never qualify;
-* international numbers need the ``+`` prefix and 8-15 digits in total.
+  amounts and plain digit strings never qualify; 400/800 service numbers are not
+  personal and are left alone;
+* international numbers need the ``+`` prefix and 8-15 digits in total (exactly 11
+  for ``+1``).
 
-Speed and safety of the scanner: all patterns are compiled once and joined into one
-alternation that is run with a single left-to-right ``search`` loop. Every repetition
-is either bounded or separated by a mandatory character, and every alternative is
-anchored by a look-behind that stops it from starting inside a run, so the scan is
-linear in the input length even for hostile input (100 KB of digits, spaces or dots).
-Full-width digits, letters and punctuation (common with Chinese input methods) are
-mapped to ASCII on a same-length copy used for detection, so offsets stay valid.
+Speed and safety of the scanner: all patterns are compiled once. E-mail addresses are
+looked for only around each ``@``; everything else is tried only at candidate starts
+(a digit run, ``+`` or ``(`` followed by at least seven digits, or a digit run right
+after two letters for IBANs) found by one prefilter regex that begins with a character
+class, so plain text is skipped inside the regex engine. At a candidate, one combined
+alternation (in priority order) is matched and validated; if validation fails the later
+alternatives are tried at the same place. Every repetition is bounded or separated by a
+mandatory character and every pattern is anchored by a look-behind that stops it from
+starting inside a run, so the scan is linear in the input length even for hostile input
+(100 KB of digits, spaces, dots or ``@``). A typical 300-character message takes about
+10-40 µs. Full-width digits, letters and punctuation (common with Chinese input methods)
+are mapped to ASCII on a same-length copy used for detection, so offsets stay valid.
 
 A second, optional layer is :class:`ContentClassifier`: an async classifier that can
 refuse restricted content with :class:`ContentPolicyError`. Only :class:`NoopClassifier`
@@ -61,6 +73,7 @@ from __future__ import annotations
 
 import json
 import re
+import string
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import date
@@ -416,11 +429,12 @@ _IBAN_LENGTHS: dict[str, int] = {
 # not a card; a card word in the same window overrides. "ean" / "sku" catch barcodes.
 _CONTEXT_WINDOW = 24
 _NOT_CARD_WORDS = re.compile(
-    r"订单|单号|运单|快递|物流|包裹|发票|条码|货号|编码"
+    r"订单|单号|运单|快递|物流|包裹|发票|条码|货号|编码|顺丰|圆通|中通|申通|韵达|极兔|邮政|京东"
     r"|(?<![a-z])(?:orders?|tracking|waybill|shipment|parcel|invoice|consignment|sku|barcode"
-    r"|ean|ref|reference)(?![a-z])",
+    r"|ean|ref|reference|sf|yt|zto|sto|jd|ems|dhl|fedex|ups)(?![a-z])",
     re.IGNORECASE,
 )
+_CARD_SEPARATOR = re.compile(r"[ \-]")
 _CARD_WORDS = re.compile(r"卡|card|visa|master|amex|银联|unionpay", re.IGNORECASE)
 _ID_WORDS = re.compile(r"身份证|证件号|id\s*card|identity", re.IGNORECASE)
 
@@ -525,16 +539,11 @@ def _check_id15(norm: str, m: re.Match[str]) -> _Validated:
     return m.end(), digits
 
 
-def _card_groups(raw: str, offset: int) -> list[tuple[str, int]] | None:
-    """Digit groups of a card candidate with the end offset of each; None if mixed separators."""
-    seps = {ch for ch in raw if ch in " -"}
-    if len(seps) > 1:
-        return None
-    if not seps:
-        return [(raw, offset + len(raw))]
+def _card_groups(raw: str, offset: int) -> list[tuple[str, int]]:
+    """Digit groups of a card candidate, each with its end offset in the text."""
     groups: list[tuple[str, int]] = []
     pos = offset
-    for group in raw.split(seps.pop()):
+    for group in _CARD_SEPARATOR.split(raw):
         pos += len(group)
         groups.append((group, pos))
         pos += 1
@@ -543,8 +552,6 @@ def _card_groups(raw: str, offset: int) -> list[tuple[str, int]] | None:
 
 def _check_card(norm: str, m: re.Match[str]) -> _Validated:
     groups = _card_groups(m.group(0), m.start())
-    if groups is None:
-        return None
     # Try the longest prefix of whole groups first: a CVV or an unrelated number may
     # follow the card ("4111 1111 1111 1111 123").
     for n in range(len(groups), 0, -1):
@@ -570,9 +577,12 @@ def _check_mobile(norm: str, m: re.Match[str]) -> _Validated:
     return m.end(), _NON_DIGITS.sub("", m.group(0))[-11:]
 
 
+_AREA_CODE = re.compile(r"\(?(0[0-9]+)")
+
+
 def _check_landline(norm: str, m: re.Match[str]) -> _Validated:
     raw = m.group(0)
-    area = re.match(r"\(?(0[0-9]+)", raw)
+    area = _AREA_CODE.match(raw)
     if area is None:  # pragma: no cover - the pattern guarantees an area code
         return None
     code = area.group(1)
@@ -619,19 +629,24 @@ _VALIDATORS: dict[str, Callable[[str, re.Match[str]], _Validated]] = {
 }
 
 
+_EMAIL_LOCAL_CHARS = frozenset(string.ascii_letters + string.digits + "._%+-")
+
+
 def _find_emails(norm: str) -> list[tuple[PiiKind, int, int, str]]:
     """E-mail hits, found by looking around each '@' only (bounded windows: linear time)."""
     hits: list[tuple[PiiKind, int, int, str]] = []
     n = len(norm)
     pos = 0
     while (at := norm.find("@", pos)) >= 0:
+        # Walk back over the local part (at most 64 characters, never into a previous hit).
+        start = at
+        floor = max(pos, at - _EMAIL_LOCAL_MAX)
+        while start > floor and norm[start - 1] in _EMAIL_LOCAL_CHARS:
+            start -= 1
         hi = min(n, at + 1 + _EMAIL_DOMAIN_MAX)
-        m = _EMAIL_RE.search(norm, max(pos, at - _EMAIL_LOCAL_MAX), hi)
-        if m is None or not m.start() < at < m.end() or (m.end() == hi < n):
-            pos = at + 1
-            continue
-        result = _check_email(norm, m)
-        if result is None:
+        m = _EMAIL_RE.match(norm, start, hi) if start < at else None
+        result = _check_email(norm, m) if m is not None and not m.end() == hi < n else None
+        if m is None or result is None:
             pos = at + 1
             continue
         hits.append((PiiKind.EMAIL, m.start(), result[0], result[1]))

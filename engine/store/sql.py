@@ -1,4 +1,4 @@
-"""SQL :class:`Store` on SQLAlchemy's async engine: SQLite (aiosqlite) or PostgreSQL (asyncpg).
+"""SQL :class:`Store` on SQLAlchemy: SQLite (pysqlite on a worker thread) or PostgreSQL (asyncpg).
 
 The tables are sqlmodel classes (:class:`ConversationRow`, :class:`MessageRow`,
 :class:`EntityHistoryRow`) so they can be used with sqlmodel sessions for
@@ -20,10 +20,12 @@ Storage formats:
 * Datetimes are ``timestamptz`` on PostgreSQL; on SQLite UTC text without an
   offset. Both come back as timezone-aware UTC datetimes.
 
-URLs: ``sqlite:///path.db`` and ``postgresql://...`` (or ``postgres://``) are
-rewritten to ``sqlite+aiosqlite`` and ``postgresql+asyncpg``. A PostgreSQL URL
-may carry ``?search_path=schema`` (not an asyncpg option: the store sends it as
-a server setting), which is how tests give each test its own schema.
+URLs: ``sqlite:///path.db`` runs pysqlite on the store's worker thread (see
+:class:`SQLStore` for why not aiosqlite; ``sqlite+aiosqlite:///`` still works);
+``postgresql://...`` and ``postgres://`` are rewritten to ``postgresql+asyncpg``.
+A PostgreSQL URL may carry ``?search_path=schema`` (not an asyncpg option: the
+store sends it as a server setting), which is how tests give each test its own
+schema.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import Field, SQLModel
 
-from engine.errors import DuplicateMessageError, StoreError, VersionConflictError
+from engine.errors import ConfigError, DuplicateMessageError, StoreError, VersionConflictError
 from engine.store._codec import dumps, find_json_problem, json_problem_error, loads, utc
 from engine.store.base import (
     ConversationKey,
@@ -392,6 +394,7 @@ class SQLStore(Store):
     Args:
         url: database URL, e.g. ``sqlite:///var/helpline.db`` or
             ``postgresql://user@host/db``; see :func:`database_url`.
+            ``sqlite://`` (no path) is a private in-memory database.
         connect_args: extra arguments for the driver's ``connect`` (merged over
             those the URL implies, e.g. ``{"server_settings": {...}}`` for asyncpg).
         echo: log SQL statements.
@@ -420,7 +423,10 @@ class SQLStore(Store):
         self._async_reader: AsyncEngine | None = None
         self._sync_engine: sa.Engine | None = None
         self._executor: ThreadPoolExecutor | None = None
-        dialect = parsed.get_dialect()
+        try:
+            dialect = parsed.get_dialect()
+        except SQLAlchemyError as error:
+            raise ConfigError(f"{parsed.drivername}: unusable database URL: {error}") from error
         if dialect.is_async:
             self._async_engine = create_async_engine(parsed, **options)
             engine = self._async_engine.sync_engine
@@ -432,7 +438,7 @@ class SQLStore(Store):
             )
         else:
             if dialect.name != "sqlite":
-                raise StoreError(
+                raise ConfigError(
                     f"{parsed.drivername}: use an async driver for {dialect.name} "
                     "(e.g. postgresql+asyncpg://); only SQLite may use a synchronous one"
                 )
@@ -454,7 +460,10 @@ class SQLStore(Store):
         """Run ``fn(connection, *args, **kwargs)`` in one transaction, committed if it returns.
 
         ``fn`` is synchronous and gets a SQLAlchemy :class:`~sqlalchemy.Connection`;
-        use it for reports or maintenance on the store's tables.
+        use it for reports or maintenance on the store's tables. It runs on the
+        store's worker thread (SQLite) or in a greenlet (async drivers), so it
+        must not block on anything but the database. With pysqlite the
+        transaction only begins at the first write statement.
         """
         return await self._run(True, fn, *args, **kwargs)
 
