@@ -193,6 +193,51 @@ async def _show_state(store: object, key: object) -> None:
     console.print(table)
 
 
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Bind address.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="offline or claude.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Config file (YAML).")] = None,
+) -> None:
+    """Start the server: web chat, agent console, channel webhooks, /metrics."""
+    import uvicorn
+
+    from engine.server.app import create_app
+
+    if model not in (None, "offline", "claude"):
+        raise typer.BadParameter("use offline or claude", param_hint="--model")
+    try:
+        settings = load_settings(config, host=host, port=port)
+    except HelplineError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    base = settings.public_url or f"http://{settings.host}:{settings.port}"
+
+    def ready(context: object) -> None:
+        console.print(f"[bold green]Helpline is running[/bold green] "
+                      f"(model: {settings.resolved_model() if model is None else model})")
+        console.print(f"  web chat       {base}/chat/")
+        console.print(f"  agent console  {base}/agent/")
+        console.print(f"  metrics        {base}/metrics")
+        console.print(f"  health         {base}/healthz  {base}/readyz")
+
+    application = create_app(settings, model=model, on_ready=ready)
+    uvicorn.run(application, host=settings.host, port=settings.port, ws="websockets-sansio",
+                log_level="info", timeout_graceful_shutdown=10, lifespan="on")
+
+
+@app.command("hash-password")
+def hash_password(
+    password: Annotated[str, typer.Option(prompt=True, hide_input=True,
+                                          confirmation_prompt=True)],
+) -> None:
+    """Hash an agent password for the `agents:` section of the config file."""
+    from argon2 import PasswordHasher
+
+    console.print(PasswordHasher().hash(password))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -102,7 +102,10 @@ class KeyedLocks:
         return len(self._locks)
 
 
-Subscriber = Callable[[TurnOutcome], Awaitable[None]]
+#: Receives every committed change: a TurnOutcome, or a handoff.DeskEvent.
+Subscriber = Callable[[Any], Awaitable[None]]
+#: Delivers one outbound message on its channel (registered per channel name).
+Sender = Callable[[Outbound], Awaitable[None]]
 
 
 class Engine:
@@ -133,15 +136,50 @@ class Engine:
         self._locks = KeyedLocks()
         self._action_table: Mapping[str, Any] = {n: actions.get(n) for n in actions}
         self._subscribers: list[Subscriber] = []
+        self._senders: dict[str, Sender] = {}
         self.stats: dict[str, int] = {"turns": 0, "duplicates": 0, "fallbacks": 0,
                                       "conflicts": 0}
 
     def subscribe(self, subscriber: Subscriber) -> None:
-        """Call ``subscriber(outcome)`` after every committed turn."""
+        """Call ``subscriber(event)`` after every committed turn or desk action."""
         self._subscribers.append(subscriber)
 
-    async def handle(self, inbound: Inbound) -> TurnResult:
-        """Process one inbound event; returns what to send to the customer."""
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        if subscriber in self._subscribers:
+            self._subscribers.remove(subscriber)
+
+    def register_sender(self, channel: str, sender: Sender) -> None:
+        """Route outbound messages of ``channel`` conversations to ``sender``.
+
+        Channels register themselves at start-up; the engine never imports one.
+        """
+        self._senders[channel] = sender
+
+    async def publish(self, event: Any) -> None:
+        for subscriber in list(self._subscribers):
+            try:
+                await subscriber(event)
+            except Exception:  # a broken subscriber must not lose the turn
+                logger.exception("subscriber failed")
+
+    async def deliver(self, outbound: list[Outbound] | tuple[Outbound, ...]) -> None:
+        """Send messages through their channel's registered sender, in order."""
+        for message in outbound:
+            sender = self._senders.get(message.key.channel)
+            if sender is None:
+                logger.debug("no sender for channel %s", message.key.channel)
+                continue
+            try:
+                await sender(message)
+            except Exception:  # stored already; the channel retries or resyncs
+                logger.exception("sending on %s failed", message.key.channel)
+
+    async def handle(self, inbound: Inbound, *, deliver: bool = True) -> TurnResult:
+        """Process one inbound event.
+
+        The replies are sent through the channel's registered sender (if any)
+        after the turn is committed, and also returned.
+        """
         if inbound.channel_message_id is not None and await self.store.seen(
             inbound.key.channel, inbound.channel_message_id
         ):
@@ -150,11 +188,11 @@ class Engine:
         lock_key = str(inbound.key)
         await self._locks.acquire(lock_key)
         try:
-            return await self._handle_locked(inbound)
+            return await self._handle_locked(inbound, deliver)
         finally:
             self._locks.release(lock_key)
 
-    async def _handle_locked(self, inbound: Inbound) -> TurnResult:
+    async def _handle_locked(self, inbound: Inbound, deliver: bool) -> TurnResult:
         for attempt in range(self.max_retries_on_conflict + 1):
             conv = await self.store.load(inbound.key)
             if conv is None:
@@ -178,11 +216,9 @@ class Engine:
                     raise
                 continue
             self.stats["turns"] += 1
-            for subscriber in self._subscribers:
-                try:
-                    await subscriber(outcome)
-                except Exception:  # a broken subscriber must not lose the turn
-                    logger.exception("turn subscriber failed")
+            if deliver:
+                await self.deliver(outcome.outbound)
+            await self.publish(outcome)
             return TurnResult(conv.id, outcome.outbound, outcome=outcome)
         raise AssertionError("unreachable")  # pragma: no cover
 

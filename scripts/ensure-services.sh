@@ -35,6 +35,17 @@ if ! command -v promtool >/dev/null; then
   fi
 fi
 
+# Browser tests drive Debian's chromium with Playwright (never a browser download).
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing chromium (Debian package)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
+      >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1) \
+      || echo "could not install chromium" >&2
+  fi
+fi
+
 for i in $(seq 1 30); do
   port_open 6379 && port_open 5432 && exit 0
   sleep 0.5

@@ -122,6 +122,7 @@ class TurnCore:
         self.norm = normalize(inbound.text)
         #: Routed this turn: the start state is entered after the message is read.
         self.fresh = False
+        self._last_normal: str | None = conv.state
 
     # -- helpers -------------------------------------------------------------
 
@@ -329,7 +330,10 @@ class TurnCore:
             language=conv.language, entities=self.plain_entities(),
             results=conv.results, missing=missing, summary=conv.summary,
             turn=conv.counters.get("turn", 0), conversation_id=conv.id,
+            handback=str(conv.results.get("handback", {}).get("note", "")),
         )
+        # The hand-back marker is shown to the model once.
+        conv.results.pop("handback", None)
         decision: Decision = yield DecideNeed(request)
         self.out.model = decision.model
 
@@ -489,12 +493,25 @@ class TurnCore:
 
     # -- entering states -----------------------------------------------------
 
+    @property
+    def resume_state(self) -> str | None:
+        flow = self.flow
+        state = self.conv.state
+        if flow is None or state is None or state not in flow.states:
+            return None
+        if flow.states[state].kind != "normal":
+            return self._last_normal
+        return state
+
     def enter(self, target: str, reason: str | None) -> Generator[Need, Any, None]:
         """Enter ``target``, run its actions, and follow ``done`` transitions."""
         flow = self.flow
         assert flow is not None
         for _ in range(MAX_CHAIN):
             previous = self.conv.state
+            if previous is not None and previous in flow.states \
+                    and flow.states[previous].kind == "normal":
+                self._last_normal = previous
             self.conv.state = target
             if previous is not None:
                 self.clear(f"stuck:{previous}")
@@ -600,6 +617,7 @@ class TurnCore:
         if conv.owner != "bot":
             return
         said = False
+        resume = self.resume_state
         if flow is not None:
             target = flow.handoff.state
             if not entered:
@@ -616,6 +634,10 @@ class TurnCore:
         conv.owner = "pending_human"
         conv.handoff_reason = reason
         conv.waiting_since = self.now
+        # Where the bot resumes if an agent hands back: the state the handoff
+        # interrupted (never the handoff state itself).
+        conv.results["_handoff"] = {"resume": resume, "priority": _PRIORITY.get(reason, "normal"),
+                                    "detail": detail}
         self.event("handoff", reason=reason, detail=detail)
         self.out.handoff = HandoffPacket(
             conversation_id=conv.id, key=conv.key, reason=reason,

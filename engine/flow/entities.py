@@ -646,14 +646,16 @@ _EN_COUNT_UNITS = frozenset(
     {"x", "pcs", "pc", "piece", "pieces", "unit", "units", "item", "items", "times", "qty"}
 )
 _MEASURE_RE = re.compile(rf"\s*(?:{_MEASURE_WORDS})")
-# After a number, these mean it is not a quantity: dates, times, money, percent, discounts.
+# After a number, these mean it is not a quantity: dates, times, durations, money,
+# percentages, discounts, and digit groups of phone numbers or codes ("139-1234").
 _NOT_QUANTITY_AFTER_RE = re.compile(
-    r"\s*(?:年|月|日|号|號|点|點|时|時|分|秒|%|折|成|元|块(?!儿)|毛|角|刀|岁|星|"
-    r"[:/][0-9]|[.,][0-9]|"
-    r"(?:yuan|kuai|rmb|cny|usd|dollars?|bucks?|euros?|pounds?|am|pm|st|nd|rd|th|%)(?![a-z]))"
+    r"\s*(?:年|月|日|号|號|点|點|时|時|分|秒|天|周|小时|个月|个小时|个星期|个礼拜|星期|礼拜"
+    r"|%|折|成|元|块(?!儿)|毛|角|刀|岁|星|[:/\-][0-9]|[.,][0-9]|"
+    r"(?:yuan|kuai|rmb|cny|usd|dollars?|bucks?|euros?|pounds?|am|pm|st|nd|rd|th"
+    r"|days?|weeks?|months?|years?|hours?|hrs?|minutes?|mins?|ago)(?![a-z]))"
 )
 _NOT_QUANTITY_BEFORE_RE = re.compile(
-    r"(?:[¥$€£₩/:]|第|周|星期|礼拜|每|(?<![a-z])(?:rmb|cny|usd|no\.?|#))\s*$"
+    r"(?:[¥$€£₩/:+]|[0-9]-|第|周|星期|礼拜|每|(?<![a-z])(?:rmb|cny|usd|no\.?|#))\s*$"
 )
 # Chinese words that contain numeral characters without being numbers.
 _CN_NON_NUMBERS = frozenset({"千万", "万一", "一一", "十分", "一二", "三三", "两两"})
@@ -1726,7 +1728,12 @@ class DateEntity(EntityType):
                     day = self._pick(self._candidates(kind, m, today), today)
                 except _DateProblem:
                     continue
-                found.append(Match(day.isoformat(), start, end, _DATE_CONFIDENCE[kind]))
+                conf = _DATE_CONFIDENCE[kind]
+                if kind == "relative" and day == today:
+                    # "到今天还没发货" (still not shipped as of today): today is
+                    # more often the reference point than the date asked for.
+                    conf = 0.7
+                found.append(Match(day.isoformat(), start, end, conf))
         return _resolve_overlaps(found)
 
     def json_schema(self) -> dict[str, JSONValue]:
@@ -1836,7 +1843,11 @@ _MAX_FUZZY_CACHE = 4096
 
 
 def _tolerance(word: str) -> int:
-    """Typos allowed in a synonym word: none below 5 letters, 1 from 5, 2 from 9."""
+    """Typos allowed in a synonym word: none below 5 letters, 1 from 5, 2 from 9.
+
+    Measured on the stem, so inflection endings do not buy extra typos
+    ("scratched" is "scratch": one typo, and "catches" is not a match).
+    """
     if len(word) >= 9:
         return 2
     if len(word) >= 5:
@@ -1900,7 +1911,7 @@ class EnumEntity(EntityType):
             for surface in list(spec.synonyms) or [canonical.replace("_", " ")]:
                 for word in textnorm.words(fold(normalize(surface))):
                     s = stem(word)
-                    self._tolerance[s] = max(self._tolerance.get(s, 0), _tolerance(word))
+                    self._tolerance[s] = _tolerance(s)
         self._delete_index: dict[str, set[str]] = {}
         for s, tol in self._tolerance.items():
             if tol and len(s) >= 4:
@@ -1941,6 +1952,12 @@ class EnumEntity(EntityType):
                     if cand in seen or cand == text_stem:
                         continue
                     seen.add(cand)
+                    # Typos rarely hit the first letter, while real words one
+                    # edit away from a synonym often differ there ("track" vs
+                    # "crack", "brush" vs "crush"): require it, or a swap of
+                    # the first two letters ("rfeund").
+                    if text_stem[0] != cand[0] and text_stem[:2] != cand[1::-1]:
+                        continue
                     tol = self._tolerance[cand]
                     dist = edit_distance(text_stem, cand, tol)
                     if dist <= tol:

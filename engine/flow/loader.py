@@ -95,6 +95,10 @@ class _Checker:
                     continue
                 if err["type"] == "literal_error":
                     hint = "use one of the allowed values listed"
+                elif err["type"] == "string_type" and isinstance(err.get("input"), bool | int):
+                    hint = "quote it to make it text: YAML reads true/false and numbers as such"
+                else:
+                    hint = "`helpline schema` describes every field and its allowed values"
                 self.error(path, f"{'.'.join(map(str, path))}: {message}", hint)
             return None
 
@@ -171,10 +175,12 @@ class _Checker:
             self.error(("handoff", "state"),
                        f"handoff state {spec.handoff.state!r} is not of `type: handoff`",
                        "set `type: handoff` on that state")
+        unknown_target = False
         for sname, state in states.items():
             for trigger, items in state.on.items():
                 for i, t in enumerate(items):
                     if t.to not in states:
+                        unknown_target = True
                         near = _closest(t.to, states)
                         self.error(("states", sname, "on", trigger, i, "to"),
                                    f"state {sname!r}: transition {trigger!r} goes to unknown "
@@ -192,7 +198,11 @@ class _Checker:
                 self.warn(("states", sname, "on"), f"{state.type} state {sname!r} declares "
                           "transitions; they are never taken", "remove `on:`")
             if state.type == "handoff" and state.collect:
-                self.error(("states", sname, "collect"), "a handoff state cannot collect entities")
+                self.error(("states", sname, "collect"),
+                           f"handoff state {sname!r} cannot collect entities",
+                           "collect them in a state before the handoff, or remove `collect:`")
+        if spec.start not in states or unknown_target:
+            return  # reachability is unknown until those are fixed; don't advise removing states
         reachable = self.reachable(spec)
         for sname in states:
             if sname not in reachable:
@@ -295,7 +305,7 @@ class _Checker:
         except GuardSyntaxError as exc:
             line, col = self.src.scalar_start(path)
             if line is not None and col is not None and exc.position is not None:
-                before = source[:exc.position]
+                before = source[:min(exc.position, len(source.rstrip()))]
                 line += before.count("\n")  # a multi-line `|` guard
                 col += len(before.rsplit("\n", 1)[-1])
             self.problems.append(Problem(self.src.file, line, col, str(exc),
@@ -425,13 +435,19 @@ def _closest(word: str, candidates: Iterable[str]) -> str | None:
 def load_flow(path: Path, env: ImmutableSandboxedEnvironment,
               actions: frozenset[str] | None) -> tuple[Flow | None, list[Problem]]:
     """Load one flow file; returns the flow (None on errors) and every problem found."""
+    flow, problems, _ = _load_flow(path, env, actions)
+    return flow, problems
+
+
+def _load_flow(path: Path, env: ImmutableSandboxedEnvironment, actions: frozenset[str] | None,
+               ) -> tuple[Flow | None, list[Problem], Located | None]:
     src, problems = load_located(path)
     if src is None:
-        return None, problems
+        return None, problems, None
     checker = _Checker(src, env, actions)
     spec = checker.parse_spec()
     flow = checker.compile(spec) if spec is not None else None
-    return flow, checker.problems
+    return flow, checker.problems, src
 
 
 def validate_paths(paths: Iterable[Path], prompts_dir: Path | None,
@@ -445,13 +461,14 @@ def validate_paths(paths: Iterable[Path], prompts_dir: Path | None,
         problems.append(Problem(", ".join(str(p) for p in paths), None, None,
                                 "no flow files found", "add flows/<name>.yaml"))
     for file in files:
-        flow, found = load_flow(file, env, actions)
+        flow, found, src = _load_flow(file, env, actions)
         problems.extend(found)
-        if flow is None:
+        if flow is None or src is None:
             continue
         if flow.name in flows:
-            problems.append(Problem(str(file), 1, 1, f"flow name {flow.name!r} is also used by "
-                                    f"{flows[flow.name].file}", "give every flow its own name"))
+            problems.append(src.problem(("flow",), f"flow name {flow.name!r} is also used by "
+                                        f"{flows[flow.name].file}",
+                                        "give every flow its own name"))
             continue
         flows[flow.name] = flow
     return FlowSet(flows, LocalTemplate(env, dict(DEFAULT_DISCLOSURE)), prompts_dir), problems

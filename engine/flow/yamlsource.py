@@ -43,7 +43,7 @@ class Located:
     def where(self, path: Path_, *, key: bool = False) -> tuple[int | None, int | None]:
         """1-based (line, column) of ``path``, or of its nearest located ancestor."""
         table = self.keys if key else self.values
-        probe = tuple(path)
+        probe = self._as_written(path)
         while probe:
             if probe in table:
                 return table[probe]
@@ -51,6 +51,26 @@ class Located:
                 return self.keys[probe]
             probe = probe[:-1]
         return (1, 1)
+
+    def _as_written(self, path: Path_) -> Path_:
+        """``path`` as the file spells it.
+
+        The schema reads the shorthands ``done: x`` and ``done: {to: x}`` as one-item
+        lists, so its paths say ``done.0.to``; in the file there is no index ``0``.
+        """
+        out: list[str | int] = []
+        node = self.data
+        for part in path:
+            if part == 0 and isinstance(node, dict | str):
+                continue  # a shorthand for a one-item list
+            out.append(part)
+            if isinstance(node, dict) and isinstance(part, str):
+                node = node.get(part)
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            else:
+                node = None
+        return tuple(out)
 
     def scalar_start(self, path: Path_) -> tuple[int | None, int | None]:
         """1-based (line, column) of the first character of the text of the scalar at ``path``.
@@ -108,7 +128,8 @@ def load_located(path: Path) -> tuple[Located | None, list[Problem]]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        return None, [Problem(name, None, None, f"cannot read file: {exc.strerror}")]
+        return None, [Problem(name, None, None, f"cannot read file: {exc.strerror}",
+                              "check the path and the file's permissions")]
     if len(raw) > MAX_FLOW_BYTES:
         return None, [Problem(name, None, None, f"file is {len(raw)} bytes; the limit is "
                               f"{MAX_FLOW_BYTES}", "split the flow into smaller flows")]

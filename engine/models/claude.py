@@ -315,7 +315,10 @@ class ClaudeModel(Model):
         )
         raw = self._tool_input(message, DECISION_TOOL)
         try:
-            payload = DecisionPayload.model_validate(raw)
+            # Strict: the tool schema asks for JSON integers and booleans, and lax
+            # coercion would turn ``"satisfaction": true`` into 1 (the angriest
+            # estimate) or ``"wants_human": "no"`` into a decision.
+            payload = DecisionPayload.model_validate(raw, strict=True)
         except ValidationError as exc:
             raise ModelOutputError(f"decision broke the schema: {exc.error_count()} error(s): "
                                    f"{exc.errors()[0]['msg']}") from exc
@@ -364,7 +367,8 @@ class ClaudeModel(Model):
         satisfaction = raw.get("satisfaction")
         if flow is not None and flow not in names:
             raise ModelOutputError(f"{ROUTE_TOOL} chose unknown flow {flow!r}")
-        if not isinstance(satisfaction, int) or not 1 <= satisfaction <= 5:
+        if isinstance(satisfaction, bool) or not isinstance(satisfaction, int) or \
+                not 1 <= satisfaction <= 5:
             satisfaction = None
         return RouteDecision(flow if isinstance(flow, str) else None, wants_human, 1.0,
                              satisfaction)

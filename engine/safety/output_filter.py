@@ -113,7 +113,7 @@ _LINKS = re.compile(
 
 _SERVICE_NUMBER = re.compile(r"(?<![A-Za-z0-9])[48]00[ \-]?[0-9]{3}[ \-]?[0-9]{4}(?![0-9])")
 _IM_HANDLE = re.compile(
-    r"(?<![A-Za-z])(?i:微信号?|weixin|wechat|vx|qq号?)\s*(?i:号|id)?\s*[:：是为]?\s*"
+    r"(?<![A-Za-z])(?i:微信号?|weixin|wechat|vx|qq号?)\s{0,3}(?i:号|id)?\s{0,3}[:：是为]?\s{0,3}"
     r"(?P<handle>[A-Za-z][A-Za-z0-9_\-]{5,19}|[1-9][0-9]{4,11})(?![A-Za-z0-9_\-])"
 )
 _PLACEHOLDER = re.compile(r"\[(?:EMAIL|PHONE|CARD|CN_ID|IBAN)_[1-9][0-9]{0,5}\]")

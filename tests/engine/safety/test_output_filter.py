@@ -253,10 +253,24 @@ def test_shop_replies_pass_unchanged(text: str) -> None:
         "[a](" * 25_000,
         "@" * 100_000,
         "微信" * 50_000,
+        "微信" + " " * 100_000,
+        "wechat id" + "\t" * 100_000 + ":",
         "1 " * 50_000,
         "x.com/" * 16_000,
     ],
-    ids=["dots", "letters", "long-url", "brackets", "md-open", "ats", "wechat", "digits", "urls"],
+    ids=[
+        "dots",
+        "letters",
+        "long-url",
+        "brackets",
+        "md-open",
+        "ats",
+        "wechat",
+        "wechat-spaces",
+        "wechat-tabs",
+        "digits",
+        "urls",
+    ],
 )
 def test_hostile_output_stays_linear(text: str) -> None:
     start = time.perf_counter()
