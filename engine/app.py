@@ -15,6 +15,7 @@ from engine.models.base import Model
 from engine.models.claude import ClaudeModel, ModelIds
 from engine.models.offline import OfflineModel
 from engine.runner import Engine
+from engine.safety.privacy import Privacy
 from engine.store import Store, open_store
 
 __all__ = ["App", "build_app", "make_model"]
@@ -66,5 +67,5 @@ async def build_app(settings: Settings, *, model: str | None = None) -> App:
     await store.open()
     primary = make_model(settings, model)
     fallback = OfflineModel() if primary.name != "offline" else None
-    engine = Engine(flows, store, primary, actions, fallback=fallback)
+    engine = Engine(flows, store, primary, actions, fallback=fallback, privacy=Privacy())
     return App(settings, engine, shop, store)

@@ -42,7 +42,7 @@ from engine.flow.compiled import FlowSet
 from engine.models.base import Decision, DecisionRequest, HistoryItem, Model, RouteDecision
 from engine.store.base import ConversationState, Store, TurnWrite
 
-__all__ = ["Engine", "KeyedLocks", "Redactor", "TurnResult"]
+__all__ = ["Engine", "KeyedLocks", "PrivacyStep", "TurnResult"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +51,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class Redactor(Protocol):
-    """Turns customer text into the text a model may see (PII replaced)."""
+class PrivacyStep(Protocol):
+    """Redacts customer text for the model and makes model output safe to send."""
 
-    def __call__(self, text: str, conversation: ConversationState) -> str: ...
+    def redact(self, text: str, conv: ConversationState) -> str: ...
+
+    def restore_entities(self, entities: Mapping[str, Any],
+                         conv: ConversationState) -> dict[str, Any]: ...
+
+    def filter_reply(self, text: str, conv: ConversationState) -> str: ...
 
 
 @dataclass(slots=True)
@@ -119,7 +124,7 @@ class Engine:
         actions: ActionRegistry,
         *,
         fallback: Model | None = None,
-        redactor: Redactor | None = None,
+        privacy: PrivacyStep | None = None,
         history_turns: int = 12,
         clock: Callable[[], datetime] = utcnow,
         max_retries_on_conflict: int = 2,
@@ -129,7 +134,7 @@ class Engine:
         self.model = model
         self.fallback = fallback
         self.actions = actions
-        self.redactor = redactor
+        self.privacy = privacy
         self.history_turns = history_turns
         self.clock = clock
         self.max_retries_on_conflict = max_retries_on_conflict
@@ -197,9 +202,10 @@ class Engine:
             conv = await self.store.load(inbound.key)
             if conv is None:
                 conv = new_conversation(inbound.key, inbound.received_at)
-            if self.redactor is not None and inbound.model_text is None:
-                inbound = replace(inbound, model_text=self.redactor(inbound.text, conv))
-            outcome = await self.run_core(conv, inbound)
+            turn_inbound = inbound
+            if self.privacy is not None and inbound.model_text is None:
+                turn_inbound = replace(inbound, model_text=self.privacy.redact(inbound.text, conv))
+            outcome = await self.run_core(conv, turn_inbound)
             write = TurnWrite(conversation=outcome.conversation,
                               expected_version=outcome.expected_version,
                               messages=outcome.records, entity_changes=outcome.entity_changes)
@@ -230,7 +236,7 @@ class Engine:
             while True:
                 need = gen.send(answer)
                 if isinstance(need, DecideNeed):
-                    answer = await self.decide(need.request)
+                    answer = await self.decide(need.request, conv)
                 elif isinstance(need, RouteNeed):
                     answer = await self.route(need)
                 elif isinstance(need, ActionNeed):
@@ -241,20 +247,26 @@ class Engine:
             outcome: TurnOutcome = stop.value
             return outcome
 
-    async def decide(self, request: DecisionRequest) -> Decision:
+    async def decide(self, request: DecisionRequest, conv: ConversationState) -> Decision:
         wants = getattr(self.model, "history_turns", 0)
         if wants:
             request = replace(request, history=await self.history(request.conversation_id,
                                                                   min(wants, self.history_turns)))
         try:
-            return await self.model.decide(request)
+            decision = await self.model.decide(request)
         except ModelError as exc:
             if self.fallback is None:
                 raise
             self.stats["fallbacks"] += 1
             logger.warning("model %s failed (%s); using %s", self.model.name, exc,
                            self.fallback.name)
-            return await self.fallback.decide(request)
+            decision = await self.fallback.decide(request)
+        if self.privacy is not None:
+            entities = self.privacy.restore_entities(decision.entities, conv)
+            reply = (self.privacy.filter_reply(decision.reply, conv)
+                     if decision.reply else decision.reply)
+            decision = replace(decision, entities=entities, reply=reply)
+        return decision
 
     async def route(self, need: RouteNeed) -> RouteDecision:
         try:

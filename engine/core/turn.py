@@ -285,6 +285,7 @@ class TurnCore:
             candidates=[RouteCandidate(f.name, f.router_description, f.router_examples)
                         for f in self.flows],
             conversation_id=conv.id,
+            raw_text=self.inbound.text,
         )
         decision = yield RouteNeed(request)
         return self.routed(decision)
@@ -330,6 +331,7 @@ class TurnCore:
             language=conv.language, entities=self.plain_entities(),
             results=conv.results, missing=missing, summary=conv.summary,
             turn=conv.counters.get("turn", 0), conversation_id=conv.id,
+            raw_text=self.inbound.text,
             handback=str(conv.results.get("handback", {}).get("note", "")),
         )
         # The hand-back marker is shown to the model once.

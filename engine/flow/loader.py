@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from engine.errors import FlowDefinitionError, GuardSyntaxError, Problem
 from engine.flow.compiled import Entity, Flow, FlowSet, LocalTemplate, State, Trigger
-from engine.flow.entities import ENTITY_TYPES, EntityType
+from engine.flow.entities import ENTITY_TYPES, EntityOptionError, EntityType
 from engine.flow.guards import Guard, parse_guard
 from engine.flow.machine import FlowMachine, MachineTransition
 from engine.flow.schema import DONE, ERROR, FlowSpec, LocalText
@@ -140,12 +140,14 @@ class _Checker:
             try:
                 etype = ENTITY_TYPES[e.type].from_options(name, e.type_options())
             except (ValueError, TypeError) as exc:
-                # EntityOptionError names the offending option ("pattern", "values.x.label").
-                option: str | None = getattr(exc, "option", None)
                 where: tuple[str | int, ...] = path
-                if option:
-                    where = (*path, *(int(p) if p.isdigit() else p for p in option.split(".")))
-                self.error(where, f"entity {name!r}: {exc}",
+                message = f"entity {name!r}: {exc}"
+                if isinstance(exc, EntityOptionError):  # names the entity and the bad option
+                    message = str(exc)
+                    if exc.option:  # "pattern", "values.damaged.label.zh", "examples.0"
+                        where = (*path, *(int(p) if p.isdigit() else p
+                                          for p in exc.option.split(".")))
+                self.error(where, message,
                            f"see the options of type {e.type!r} in docs/flows.md")
                 continue
             ask = self.text(e.ask, (*path, "ask"), set(), spec) if e.ask is not None else None

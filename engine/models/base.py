@@ -55,6 +55,8 @@ class DecisionRequest:
     handback: str = ""
     turn: int = 0
     conversation_id: str = ""
+    #: The unredacted text, for in-process models only (never sent over the network).
+    raw_text: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +103,8 @@ class RouteRequest:
     language: str
     candidates: Sequence[RouteCandidate]
     conversation_id: str = ""
+    #: The unredacted text, for in-process models only (never sent over the network).
+    raw_text: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

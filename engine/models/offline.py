@@ -290,11 +290,13 @@ class OfflineModel(Model):
 
     def decide_now(self, request: DecisionRequest) -> Decision:
         """The decision, synchronously (the offline model never waits)."""
-        norm = normalize(request.text)
+        # In-process: reading the unredacted text sends nothing anywhere.
+        text = request.raw_text if request.raw_text is not None else request.text
+        norm = normalize(text)
         flow = request.flow
         state = flow.states[request.state]
         asking = request.missing[0] if request.missing else None
-        entities = self.extract(flow, request.text, state.collect, asking)
+        entities = self.extract(flow, text, state.collect, asking)
         transition = self.intent(norm, [(t.name, t.examples) for t in state.intents])
         return Decision(
             reply=None,
@@ -340,7 +342,7 @@ class OfflineModel(Model):
         return name if score >= self.intent_threshold else None
 
     async def route(self, request: RouteRequest) -> RouteDecision:
-        norm = normalize(request.text)
+        norm = normalize(request.raw_text if request.raw_text is not None else request.text)
         if asks_for_human(norm):
             return RouteDecision(None, wants_human=True, confidence=1.0)
         satisfaction = estimate_satisfaction(norm)

@@ -247,7 +247,20 @@ def test_chinese_number(text: str, value: int) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "百", "十百", "百百", "一二百", "三个", "三点五", "负三", "abc", "两两", "万万", "一" * 30],
+    [
+        "",
+        "百",
+        "十百",
+        "百百",
+        "一二百",
+        "三个",
+        "三点五",
+        "负三",
+        "abc",
+        "两两",
+        "万万",
+        "一" * 30,
+    ],
 )
 def test_chinese_number_rejects(text: str) -> None:
     assert chinese_number(text) is None

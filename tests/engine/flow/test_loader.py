@@ -744,3 +744,37 @@ def test_load_flows_accepts_a_directory(tmp_path: Path) -> None:
     (tmp_path / "mini.yaml").write_text(BASE)
     flows = load_flows([tmp_path], PROMPTS, ACTIONS)
     assert [f.name for f in flows] == ["mini"]
+
+
+# --------------------------------------------------------------------------- the broken demo copy
+
+BROKEN = Path(__file__).parent / "broken"
+_SEED = re.compile(r"^[^#\n]+#\s*SEEDED (?P<kind>[a-z0-9-]+): (?P<fragment>.+?)\s*$")
+
+
+def seeded_errors() -> list[tuple[Path, int, str, str]]:
+    """``(file, line, kind, message fragment)`` of every ``# SEEDED`` comment in broken/."""
+    seeds = []
+    for path in sorted(BROKEN.glob("*.yaml")):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if m := _SEED.match(line):
+                seeds.append((path, number, m["kind"], m["fragment"]))
+    return seeds
+
+
+def test_broken_copy_seeds_enough_kinds_of_error() -> None:
+    seeds = seeded_errors()
+    assert {path.name for path, *_ in seeds} == {"refund.yaml", "logistics.yaml"}
+    kinds = [kind for *_, kind, _ in seeds]
+    assert len(set(kinds)) == len(kinds) >= 8
+
+
+def test_broken_copy_reports_exactly_the_seeded_errors() -> None:
+    _, problems = validate_paths([BROKEN], PROMPTS, ACTIONS)
+    found = errors(problems)
+    for path, line, kind, fragment in seeded_errors():
+        here = [p for p in found if p.file == str(path) and p.line == line]
+        assert len(here) == 1, f"{kind}: {path.name}:{line} has {[str(p) for p in here]}"
+        assert fragment in here[0].message, f"{kind}: {here[0]}"
+        assert here[0].hint, f"{kind}: no hint"
+    assert len(found) == len(seeded_errors()), "\n".join(map(str, found))
