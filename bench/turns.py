@@ -56,6 +56,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import platform
 import pstats
 import random
@@ -66,7 +67,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,8 +78,6 @@ sys.path.insert(0, str(ROOT))
 
 from engine.actions import ActionContext, ActionRegistry, ActionResult  # noqa: E402
 from engine.core.types import Inbound  # noqa: E402
-from engine.demo.actions import build_actions  # noqa: E402
-from engine.demo.shop import ORDER_SMALL, Shop  # noqa: E402
 from engine.errors import ActionError  # noqa: E402
 from engine.flow.compiled import FlowSet  # noqa: E402
 from engine.flow.loader import load_flows  # noqa: E402
@@ -101,7 +100,7 @@ RESULTS = ROOT / "bench" / "results"
 #: The journey: (kind, text). See the module docstring.
 JOURNEY: tuple[tuple[str, str], ...] = (
     ("text", "Hi, I'd like a refund please"),
-    ("text", ORDER_SMALL),
+    ("text", "HL26110842"),  # engine.demo.shop.ORDER_SMALL: delivered, 129.00, refundable
     ("text", "it arrived damaged"),
     ("text", "yes"),
     ("rating", "5"),
@@ -161,6 +160,12 @@ class _Recording(Model):
 
 async def record_script(flows_dir: Path, prompts_dir: Path) -> Script:
     """Play the journey once with the offline model and the real demo shop."""
+    # Imported here: the shop pulls in SQLAlchemy and sqlmodel, which the
+    # memory measurement (a child process running the memory store) must not count.
+    from engine.demo.actions import build_actions
+    from engine.demo.shop import ORDER_SMALL, Shop
+
+    assert JOURNEY[1][1] == ORDER_SMALL
     script = Script()
     async with Shop() as shop:
         real = build_actions(shop)
@@ -296,25 +301,58 @@ def percentile(sorted_values: list[int] | list[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
+class GcWatch:
+    """Time spent in the garbage collector while active (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[list[int]] = [[], [], []]
+        self._started = 0
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter_ns()
+        else:
+            self.pauses[info["generation"]].append(time.perf_counter_ns() - self._started)
+
+    def __enter__(self) -> GcWatch:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self, turns: int) -> dict[str, Any]:
+        every = [p for gen in self.pauses for p in gen]
+        return {
+            "gc_us_per_turn": round(sum(every) / turns / 1000, 1),
+            "gc_max_pause_ms": round(max(every, default=0) / 1e6, 1),
+            "gc_collections_by_generation": [len(gen) for gen in self.pauses],
+        }
+
+
 @dataclass
 class Timing:
-    """Per-turn samples (ns) by turn index, and the time spent in the turn loop."""
+    """Per-turn wall samples (ns) by turn index, loop wall and CPU time, GC time."""
 
     samples: list[list[int]]
     loop_ns: int
+    cpu_ns: int
+    gc: GcWatch
 
     def summary(self) -> dict[str, Any]:
         flat = sorted(s for per_turn in self.samples for s in per_turn)
         turns = len(flat)
-        mean = sum(flat) / turns / 1000
         return {
             "turns": turns,
             "turns_per_s": round(turns / (self.loop_ns / 1e9)),
-            "mean_us": round(mean, 1),
+            "mean_us": round(sum(flat) / turns / 1000, 1),
             "p50_us": round(percentile(flat, 0.50) / 1000, 1),
             "p99_us": round(percentile(flat, 0.99) / 1000, 1),
             "max_us": round(flat[-1] / 1000, 1),
+            # Process CPU time (all threads) per turn: robust against a busy machine.
+            "cpu_us": round(self.cpu_ns / turns / 1000, 1),
             "by_turn_mean_us": [round(sum(t) / len(t) / 1000, 1) for t in self.samples],
+            **self.gc.summary(turns),
         }
 
 
@@ -411,23 +449,25 @@ class Floor:
 def run_floor(script: Script, n: int, sqlite_path: Path | None) -> Timing:
     floor = Floor(script, sqlite_path)
     samples: list[list[int]] = []
-    loop_ns = 0
-    clock = time.perf_counter_ns
+    loop_ns = cpu_ns = 0
+    clock, cpu = time.perf_counter_ns, time.process_time_ns
     try:
-        for turn in range(TURNS):
-            text = JOURNEY[turn][1]
-            keys = [f"bench:floor:c{i:05d}" for i in range(n)]
-            per_turn: list[int] = []
-            started = clock()
-            for key in keys:
-                t0 = clock()
-                floor.turn(key, turn, text)
-                per_turn.append(clock() - t0)
-            loop_ns += clock() - started
-            samples.append(per_turn)
+        with GcWatch() as watch:
+            for turn in range(TURNS):
+                text = JOURNEY[turn][1]
+                keys = [f"bench:floor:c{i:05d}" for i in range(n)]
+                per_turn: list[int] = []
+                started, cpu_started = clock(), cpu()
+                for key in keys:
+                    t0 = clock()
+                    floor.turn(key, turn, text)
+                    per_turn.append(clock() - t0)
+                loop_ns += clock() - started
+                cpu_ns += cpu() - cpu_started
+                samples.append(per_turn)
     finally:
         floor.close()
-    return Timing(samples, loop_ns)
+    return Timing(samples, loop_ns, cpu_ns, watch)
 
 
 # --------------------------------------------------------------------------- the engine
@@ -438,30 +478,34 @@ def make_engine(flows: FlowSet, store: Store, model: Model, actions: ActionRegis
 
 
 async def run_engine(engine: Engine, run: str, n: int,
-                     after_round: Callable[[int], Any] | None = None) -> Timing:
+                     after_round: Callable[[int], Awaitable[None]] | None = None) -> Timing:
     """``n`` conversations x the journey, interleaved, one ``handle`` timed at a time."""
     samples: list[list[int]] = []
-    loop_ns = 0
-    clock = time.perf_counter_ns
+    loop_ns = cpu_ns = 0
+    clock, cpu = time.perf_counter_ns, time.process_time_ns
     keys = [conversation_key(run, i) for i in range(n)]
-    for turn in range(TURNS):
-        inbounds = [inbound(key, turn, f"{run}-{i}-{turn}") for i, key in enumerate(keys)]
-        per_turn: list[int] = []
-        started = clock()
-        for item in inbounds:
-            t0 = clock()
-            await engine.handle(item)
-            per_turn.append(clock() - t0)
-        loop_ns += clock() - started
-        samples.append(per_turn)
-        del inbounds
-        if after_round is not None:
-            await after_round(turn)
-    return Timing(samples, loop_ns)
+    with GcWatch() as watch:
+        for turn in range(TURNS):
+            inbounds = [inbound(key, turn, f"{run}-{i}-{turn}") for i, key in enumerate(keys)]
+            per_turn: list[int] = []
+            started, cpu_started = clock(), cpu()
+            for item in inbounds:
+                t0 = clock()
+                await engine.handle(item)
+                per_turn.append(clock() - t0)
+            loop_ns += clock() - started
+            cpu_ns += cpu() - cpu_started
+            samples.append(per_turn)
+            del inbounds
+            if after_round is not None:
+                # Outside the timed loop, and with the GC watch's numbers unaffected
+                # in practice (a few queries).
+                await after_round(turn)
+    return Timing(samples, loop_ns, cpu_ns, watch)
 
 
 async def check_conversations(store: Store, run: str, n: int) -> None:
-    """Every conversation must have walked the whole journey."""
+    """Conversations must have walked the whole journey (first, middle, last checked)."""
     for i in sorted({0, n // 2, n - 1}):
         conv = await store.load(conversation_key(run, i))
         assert conv is not None, f"conversation {i} of {run} missing"
@@ -471,11 +515,13 @@ async def check_conversations(store: Store, run: str, n: int) -> None:
 
 
 class StoreWork:
-    """Counts statements, commits and store calls on a SQLStore's engine."""
+    """Counts statements, rows written, commits and store calls on a SQLStore's engine."""
 
     def __init__(self, store: Any) -> None:
         from sqlalchemy import event
 
+        # SQLite runs on a synchronous engine (one worker thread); async drivers
+        # expose the same events on ``AsyncEngine.sync_engine``.
         sync_engine = store._sync_engine or store._async_engine.sync_engine
         self.statements: dict[str, int] = {}
         self.rows_written = 0
@@ -514,37 +560,39 @@ class StoreWork:
         }
 
 
-_STATE_BYTES_SQL = """
-SELECT count(*),
-       avg({scalars}),
-       avg(length(CAST(entities AS BLOB))),
-       avg(length(CAST(results AS BLOB))),
-       avg(length(CAST(counters AS BLOB))),
-       max({scalars} + length(CAST(entities AS BLOB)) + length(CAST(results AS BLOB))
-           + length(CAST(counters AS BLOB)))
-FROM conversation WHERE account = ?
-"""
 _SCALAR_COLUMNS = ("id", "channel", "account", "thread", "flow", "state", "language", "owner",
                    "owner_agent", "handoff_reason", "waiting_since", "summary", "seq",
                    "version", "closed", "created_at", "updated_at")
+_JSON_COLUMNS = ("entities", "results", "counters")
+_MESSAGE_COLUMNS = ("conversation_id", "seq", "direction", "kind", "author", "text", "data",
+                    "channel", "channel_message_id", "created_at")
+_HISTORY_COLUMNS = ("conversation_id", "name", "value", "previous", "turn", "source",
+                    "created_at")
+
+
+def _bytes_expr(columns: tuple[str, ...]) -> str:
+    # Values as SQLite holds them, measured as text (integers by their digits).
+    return " + ".join(f"coalesce(length(CAST({c} AS BLOB)), 0)" for c in columns)
 
 
 def state_bytes(db_path: Path, run: str) -> dict[str, Any]:
-    """Bytes of the stored conversation rows (values as SQLite stores them as text)."""
-    scalars = " + ".join(f"coalesce(length(CAST({c} AS BLOB)), 0)" for c in _SCALAR_COLUMNS)
+    """Bytes of the stored conversation rows, and of the message log, per conversation."""
+    scalars = _bytes_expr(_SCALAR_COLUMNS)
+    documents = _bytes_expr(_JSON_COLUMNS)
     with contextlib.closing(sqlite3.connect(db_path)) as db:
         count, scal, ent, res, cnt, biggest = db.execute(
-            _STATE_BYTES_SQL.format(scalars=scalars), (run,)).fetchone()
-        msg_cols = ("conversation_id", "seq", "direction", "kind", "author", "text",
-                    "data", "channel", "channel_message_id", "created_at")
-        msg_bytes = " + ".join(f"coalesce(length(CAST({c} AS BLOB)), 0)" for c in msg_cols)
+            f"SELECT count(*), avg({scalars}), avg(length(CAST(entities AS BLOB))), "
+            f"avg(length(CAST(results AS BLOB))), avg(length(CAST(counters AS BLOB))), "
+            f"max({scalars} + {documents}) FROM conversation WHERE account = ?",
+            (run,)).fetchone()
         messages, msg_total = db.execute(
-            f"SELECT count(*), sum({msg_bytes}) FROM message").fetchone()
-        hist_cols = ("conversation_id", "name", "value", "previous", "turn", "source",
-                     "created_at")
-        hist_bytes = " + ".join(f"coalesce(length(CAST({c} AS BLOB)), 0)" for c in hist_cols)
+            f"SELECT count(*), sum({_bytes_expr(_MESSAGE_COLUMNS)}) FROM message "
+            "WHERE conversation_id IN (SELECT id FROM conversation WHERE account = ?)",
+            (run,)).fetchone()
         changes, hist_total = db.execute(
-            f"SELECT count(*), sum({hist_bytes}) FROM entity_history").fetchone()
+            f"SELECT count(*), sum({_bytes_expr(_HISTORY_COLUMNS)}) FROM entity_history "
+            "WHERE conversation_id IN (SELECT id FROM conversation WHERE account = ?)",
+            (run,)).fetchone()
     return {
         "conversations": count,
         "state_bytes_mean": round(scal + ent + res + cnt),
@@ -565,6 +613,217 @@ def _db_size(db_path: Path) -> int:
     return sum(p.stat().st_size for p in db_path.parent.glob(db_path.name + "*"))
 
 
+# --------------------------------------------------------------------------- breakdown
+
+
+class _CpuMeter:
+    """Wraps callables on an instance and adds up the thread CPU time they take."""
+
+    def __init__(self) -> None:
+        self.ns: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+
+    def wrap_async(self, obj: Any, name: str, label: str, clock: Callable[[], int]) -> None:
+        inner = getattr(obj, name)
+
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            started = clock()
+            try:
+                return await inner(*args, **kwargs)
+            finally:
+                self.ns[label] = self.ns.get(label, 0) + clock() - started
+                self.calls[label] = self.calls.get(label, 0) + 1
+
+        setattr(obj, name, timed)
+
+    def wrap_sync(self, obj: Any, name: str, label: str, clock: Callable[[], int]) -> None:
+        inner = getattr(obj, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = clock()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.ns[label] = self.ns.get(label, 0) + clock() - started
+                self.calls[label] = self.calls.get(label, 0) + 1
+
+        setattr(obj, name, timed)
+
+    def overhead_ns(self, clock: Callable[[], int], calls: int = 20000) -> float:
+        """What wrapping adds to one call (the clock reads, mostly), measured on a no-op."""
+
+        class _Probe:
+            def noop(self) -> None:
+                return None
+
+        plain, wrapped = _Probe(), _Probe()
+        probe = _CpuMeter()
+        probe.wrap_sync(wrapped, "noop", "probe", clock)
+        best = float("inf")
+        for _ in range(3):
+            started = clock()
+            for _ in range(calls):
+                wrapped.noop()
+            middle = clock()
+            for _ in range(calls):
+                plain.noop()
+            best = min(best, ((middle - started) - (clock() - middle)) / calls)
+        return max(best, 0.0)
+
+    def per_turn(self, turns: int) -> dict[str, dict[str, float]]:
+        return {label: {"us_per_turn": round(ns / turns / 1000, 1),
+                        "calls_per_turn": round(self.calls[label] / turns, 2),
+                        "us_per_call": round(ns / self.calls[label] / 1000, 1)}
+                for label, ns in sorted(self.ns.items(), key=lambda kv: -kv[1])}
+
+
+def _wrap_templates(flows: FlowSet, meter: _CpuMeter, clock: Callable[[], int]) -> None:
+    """Time every compiled Jinja template of the flows (inline say/ask texts)."""
+    for flow in flows:
+        texts: list[Any] = []
+        for state in flow.states.values():
+            texts += [state.say, state.reprompt]
+        for entity in flow.entities.values():
+            texts += [entity.ask, *entity.reprompts]
+        for text in texts:
+            for template in getattr(text, "_templates", {}).values():
+                meter.wrap_sync(template, "render", "jinja render (say/ask texts)", clock)
+
+
+_REST = "everything else"
+_GC = "garbage collector (wall, inside the parts)"
+_OVERHEAD = "instrumentation overhead (estimated)"
+
+
+async def breakdown(flows_dir: Path, prompts_dir: Path, script: Script, n: int,
+                    tmp: Path) -> dict[str, Any]:
+    """Where a turn's time goes: the store calls, the machine, Jinja, GC, the rest.
+
+    Fresh flows (the instrumentation wraps their machines and templates), a
+    memory run timed in thread CPU time, and a SQLite run timed in wall time as
+    the event loop sees each store call (thread hop included).
+    """
+    from sqlalchemy import bindparam, select
+
+    from engine.core import turn as turn_module
+    from engine.store.sql import STORE_TABLES, SQLStore
+
+    out: dict[str, Any] = {}
+    actions = replay_actions(script)
+    # In memory: thread CPU time of each part.
+    flows = load_flows(flows_dir, prompts_dir, actions.names())
+    cpu = time.thread_time_ns
+    meter = _CpuMeter()
+    store = MemoryStore()
+    for name, label in (("seen", "store.seen"), ("load", "store.load"),
+                        ("commit_turn", "store.commit_turn")):
+        meter.wrap_async(store, name, label, cpu)
+    for flow in flows:
+        meter.wrap_sync(flow.machine, "fire", "state machine fire (transitions)", cpu)
+    _wrap_templates(flows, meter, cpu)
+    # A few parts of the turn core, patched on the class/module for this run only
+    # (skipped if the core no longer has them).
+    core_parts = (
+        (turn_module.TurnCore, "record", "message/event records (TurnCore.record)"),
+        (turn_module.TurnCore, "template_context",
+         "template contexts (TurnCore.template_context)"),
+        (turn_module, "detect_language", "language detection (detect_language)"),
+        (turn_module, "_has_words", "language detection (_has_words)"),
+    )
+    saved = [(obj, name, getattr(obj, name)) for obj, name, _ in core_parts
+             if hasattr(obj, name)]
+    try:
+        for obj, name, label in core_parts:
+            if hasattr(obj, name):
+                meter.wrap_sync(obj, name, label, cpu)
+        engine = make_engine(flows, store, ScriptedModel(script), actions)
+        await run_engine(engine, "bdwarm", 20)
+        meter.ns.clear()
+        meter.calls.clear()
+        started = cpu()
+        timing = await run_engine(engine, "bd", n)
+        total = cpu() - started
+    finally:
+        for obj, name, original in saved:
+            setattr(obj, name, original)
+    turns = n * TURNS
+    parts = meter.per_turn(turns)
+    gc_us = timing.gc.summary(turns)["gc_us_per_turn"]
+    accounted = sum(v["us_per_turn"] for v in parts.values())
+    overhead = meter.overhead_ns(cpu) * sum(meter.calls.values()) / turns / 1000
+    out["memory_cpu_us_per_turn"] = {
+        "total": round(total / turns / 1000, 1),
+        **{k: v for k, v in parts.items()},
+        _GC: gc_us,
+        _OVERHEAD: round(overhead, 1),
+        _REST: round(total / turns / 1000 - accounted - overhead, 1),
+    }
+
+    # SQLite: wall time of each store call as the event loop awaits it.
+    wall = time.perf_counter_ns
+    meter = _CpuMeter()
+    db_path = tmp / "breakdown.db"
+    sql_store = SQLStore(f"sqlite:///{db_path}")
+    await sql_store.open()
+    for name, label in (("seen", "store.seen"), ("load", "store.load"),
+                        ("commit_turn", "store.commit_turn")):
+        meter.wrap_async(sql_store, name, label, wall)
+    engine = make_engine(flows, sql_store, ScriptedModel(script), actions)
+    await run_engine(engine, "bdwarm", 20)
+    meter.ns.clear()
+    meter.calls.clear()
+    timing = await run_engine(engine, "bd", n)
+    out["sqlite_wall_us_per_turn"] = {
+        "total": timing.summary()["mean_us"],
+        **{k: v for k, v in meter.per_turn(turns).items() if k.startswith("store.")},
+    }
+
+    # The price of one thread hop, and of SQLAlchemy Core over the raw driver.
+    from concurrent.futures import ThreadPoolExecutor
+
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(1) as executor:
+        await loop.run_in_executor(executor, int)
+        hops = 2000
+        started, cpu_started = wall(), time.process_time_ns()
+        for _ in range(hops):
+            await loop.run_in_executor(executor, int)
+        out["thread_hop_us"] = {"wall": round((wall() - started) / hops / 1000, 1),
+                                "cpu": round((time.process_time_ns() - cpu_started)
+                                             / hops / 1000, 1)}
+    conversation = STORE_TABLES[0]
+    keys = [conversation_key("bd", i) for i in range(min(n, 500))]
+
+    def select_cost(conn: Any) -> dict[str, float]:
+        c = conversation.c
+        # Built once with bind parameters, as the store builds its statements.
+        statement = select(*conversation.columns).where(
+            c.channel == bindparam("k_channel"), c.account == bindparam("k_account"),
+            c.thread == bindparam("k_thread"))
+        sql = ("SELECT " + ", ".join(col.name for col in conversation.columns)
+               + " FROM conversation WHERE channel = ? AND account = ? AND thread = ?")
+        raw = conn.connection.driver_connection
+        costs = {}
+        for label in ("core", "raw"):
+            best = float("inf")
+            for _ in range(3):
+                started = time.thread_time_ns()
+                for key in keys:
+                    if label == "core":
+                        conn.execute(statement, {"k_channel": key.channel,
+                                                 "k_account": key.account,
+                                                 "k_thread": key.thread}).first()
+                    else:
+                        raw.execute(sql, (key.channel, key.account, key.thread)).fetchone()
+                best = min(best, (time.thread_time_ns() - started) / len(keys) / 1000)
+            costs[label] = round(best, 1)
+        return costs
+
+    out["select_by_key_us"] = await sql_store.run_sync(select_cost)
+    await sql_store.close()
+    return out
+
+
 # --------------------------------------------------------------------------- memory
 
 
@@ -576,52 +835,57 @@ def _proc_status_kib(field_name: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # pragma: no cover
 
 
-async def memory_phase(n: int, with_tracemalloc: bool) -> dict[str, Any]:
-    """Run in a child process: the in-memory engine holding ``n`` conversations."""
-    script = await record_script(ROOT / "flows", ROOT / "prompts")
+async def memory_phase(n: int, script_file: Path, with_tracemalloc: bool) -> dict[str, Any]:
+    """Run in a child process: the in-memory engine holding ``n`` conversations.
+
+    The child imports what a memory-store deployment imports (no SQLAlchemy,
+    no demo shop); the recorded script comes from the parent.
+    """
+    script: Script = pickle.loads(script_file.read_bytes())
     actions = replay_actions(script)
     flows = load_flows(ROOT / "flows", ROOT / "prompts", actions.names())
     store = MemoryStore()
     engine = make_engine(flows, store, ScriptedModel(script), actions)
-    # Warm up code paths and caches on conversations that are not counted.
-    await run_engine(engine, "warm", 5)
+    await run_engine(engine, "warm", 5)  # code paths and caches; not counted
     store = MemoryStore()
     engine.store = store
     gc.collect()
     rss_before = _proc_status_kib("VmRSS")
-    hwm_before = _proc_status_kib("VmHWM")
     if with_tracemalloc:
         tracemalloc.start()
     await run_engine(engine, "mem", n)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"heavy_modules_loaded": sorted(
+        m for m in ("sqlalchemy", "sqlmodel", "aiosqlite") if m in sys.modules)}
     if with_tracemalloc:
         current, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        out.update(tracemalloc_peak_mib=round(peak / 2**20, 2),
-                   tracemalloc_retained_mib=round(current / 2**20, 2))
+        out.update(tracemalloc_peak_mib=round(peak / 2**20, 1),
+                   tracemalloc_retained_mib=round(current / 2**20, 1))
+        return out
     gc.collect()
-    hwm_after = _proc_status_kib("VmHWM")
+    peak = _proc_status_kib("VmHWM")
     out.update(
         rss_baseline_mib=round(rss_before / 1024, 1),
-        rss_peak_mib=round(hwm_after / 1024, 1),
-        rss_peak_delta_mib=round((hwm_after - max(rss_before, hwm_before)) / 1024, 1)
-        if hwm_after > hwm_before else round((hwm_after - rss_before) / 1024, 1),
-        ru_maxrss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        rss_peak_mib=round(peak / 1024, 1),
+        rss_peak_delta_mib=round((peak - rss_before) / 1024, 1),
+        rss_retained_delta_mib=round((_proc_status_kib("VmRSS") - rss_before) / 1024, 1),
+        stored_state_json_bytes_mean=round(sum(
+            len(c.entities) + len(c.results) + len(c.counters) for c in store._by_id.values()
+        ) / n),
+        messages_per_conversation=round(sum(len(v) for v in store._messages.values()) / n, 1),
     )
-    # Where the retained memory lives: the stored state and the message log.
-    out["stored_state_json_bytes_mean"] = round(sum(
-        len(c.entities) + len(c.results) + len(c.counters) for c in store._by_id.values()
-    ) / n)
-    out["messages_per_conversation"] = round(
-        sum(len(v) for v in store._messages.values()) / n, 1)
     return out
 
 
-def run_memory_child(n: int, with_tracemalloc: bool) -> dict[str, Any]:
-    args = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(n)]
-    if with_tracemalloc:
-        args.append("--tracemalloc")
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+def run_memory_child(n: int, script: Script, with_tracemalloc: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="helpline-bench-") as tmp:
+        script_file = Path(tmp) / "script.pickle"
+        script_file.write_bytes(pickle.dumps(script))
+        args = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(n),
+                "--script", str(script_file)]
+        if with_tracemalloc:
+            args.append("--tracemalloc")
+        done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
     if done.returncode != 0:
         raise SystemExit(f"memory child failed:\n{done.stderr}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -636,8 +900,9 @@ async def concurrency_level(flows: FlowSet, script: Script, actions: ActionRegis
     """``n`` conversations at once, each taking ``turns`` back to back against a slow model.
 
     Turn 1 (routing: two model calls) is done beforehand with the model at zero
-    latency; the timed turns each make exactly one model call. Conversations
-    start at random offsets within one model delay so the load is spread out.
+    latency; each timed turn makes exactly one model call. Conversations start
+    at random offsets within one model delay, so the load is spread out: the
+    process must sustain about ``n / 0.2 s`` turns per second.
     """
     model = SleepingModel(script, 0.0)
     engine = make_engine(flows, store, model, actions)
@@ -675,24 +940,29 @@ async def concurrency_level(flows: FlowSet, script: Script, actions: ActionRegis
     await watcher
     latencies.sort()
     lag.sort()
+    p99 = percentile(latencies, 0.99) * 1000
     return {
         "conversations": n,
         "turns": len(latencies),
         "p50_ms": round(percentile(latencies, 0.50) * 1000, 1),
-        "p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
+        "p99_ms": round(p99, 1),
         "max_ms": round(latencies[-1] * 1000, 1),
         "turns_per_s": round(len(latencies) / elapsed),
         "loop_lag_p99_ms": round(percentile(lag, 0.99) * 1000, 1),
-        "ok": percentile(latencies, 0.99) * 1000 < CONCURRENCY_P99_MS,
+        "ok": p99 < CONCURRENCY_P99_MS,
     }
 
 
 async def concurrency_sweep(flows: FlowSet, script: Script, actions: ActionRegistry,
-                            levels: list[int], make_store: Callable[[int], Any],
-                            label: str) -> dict[str, Any]:
+                            levels: list[int], make_store: Callable[[int], Awaitable[Store]],
+                            label: str, deadline: float) -> dict[str, Any]:
+    """Raise the number of concurrent conversations until p99 reaches 250 ms."""
     rows = []
     best = 0
     for n in levels:
+        if time.perf_counter() > deadline:
+            print(f"  {label}: time budget used up, stopping at {best}")
+            break
         store = await make_store(n)
         try:
             gc.collect()
@@ -713,6 +983,8 @@ async def concurrency_sweep(flows: FlowSet, script: Script, actions: ActionRegis
 
 
 async def profile(kind: str, n: int, top: int = 30) -> str:
+    """cProfile of the scripted in-memory or SQLite run (SQLite work on the worker
+    thread is not seen by cProfile: ``--profile sqlite`` runs the store inline)."""
     script = await record_script(ROOT / "flows", ROOT / "prompts")
     actions = replay_actions(script)
     flows = load_flows(ROOT / "flows", ROOT / "prompts", actions.names())
@@ -721,7 +993,13 @@ async def profile(kind: str, n: int, top: int = 30) -> str:
         if kind == "sqlite":
             from engine.store.sql import SQLStore
 
-            store = SQLStore(f"sqlite:///{Path(tmp) / 'engine.db'}")
+            sql_store = SQLStore(f"sqlite:///{Path(tmp) / 'engine.db'}")
+
+            async def inline(write: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
+                return sql_store._in_thread(fn, args, kwargs, write)
+
+            sql_store._run = inline  # type: ignore[method-assign]
+            store = sql_store
         else:
             store = MemoryStore()
         await store.open()
@@ -744,7 +1022,6 @@ async def profile(kind: str, n: int, top: int = 30) -> str:
 
 def machine_info() -> dict[str, Any]:
     import jinja2
-    import sqlalchemy
 
     model = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -752,6 +1029,12 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
+    try:
+        import sqlalchemy
+
+        sa_version = sqlalchemy.__version__
+    except ImportError:  # pragma: no cover
+        sa_version = ""
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
@@ -760,8 +1043,10 @@ def machine_info() -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "sqlite": sqlite3.sqlite_version,
-        "sqlalchemy": sqlalchemy.__version__,
+        "sqlalchemy": sa_version,
         "jinja2": jinja2.__version__,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "gc_tracked_objects_at_start": len(gc.get_objects()),
     }
 
 
@@ -774,152 +1059,319 @@ def phase(name: str) -> Iterator[None]:
     print(f"  ({time.perf_counter() - started:.1f} s)", flush=True)
 
 
-def _fmt_timing(label: str, s: dict[str, Any], floor: dict[str, Any] | None) -> str:
-    ratio = f"{s['mean_us'] / floor['mean_us']:5.1f}x" if floor else "     "
-    return (f"  {label:<34} {s['turns_per_s']:>8} turns/s  mean {s['mean_us']:>7.1f} us  "
-            f"p99 {s['p99_us']:>7.1f} us  {ratio}")
+VARIANTS = ("floor_memory", "engine_memory", "floor_sqlite", "engine_sqlite",
+            "engine_offline_memory")
+FLOOR_OF = {"engine_memory": "floor_memory", "engine_sqlite": "floor_sqlite",
+            "engine_offline_memory": "floor_memory"}
 
 
-async def main_run(n: int, quick: bool) -> dict[str, Any]:
+def _bytes_after_round(work: StoreWork, per_round: list[dict[str, Any]],
+                       db_path: Path) -> Callable[[int], Awaitable[None]]:
+    """Measure the stored bytes after each round, without counting its statements."""
+
+    async def after_round(turn: int) -> None:
+        work.enabled = False
+        per_round.append(state_bytes(db_path, "sql"))
+        work.enabled = True
+
+    return after_round
+
+
+def _best(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The repetition with the lowest mean, plus every repetition's mean and CPU."""
+    best = dict(min(reps, key=lambda r: r["mean_us"]))
+    best["repetitions_mean_us"] = [r["mean_us"] for r in reps]
+    best["repetitions_cpu_us"] = [r["cpu_us"] for r in reps]
+    best["cpu_us_min"] = min(r["cpu_us"] for r in reps)
+    return best
+
+
+async def main_run(n: int, quick: bool, repeat: int) -> dict[str, Any]:
     from engine.store.sql import SQLStore
 
     t_start = time.perf_counter()
-    print(f"Helpline turn benchmark: {n} conversations x {TURNS} turns, interleaved "
-          f"({os.cpu_count()} CPUs, Python {platform.python_version()})", flush=True)
+    info = machine_info()
+    print(f"Helpline turn benchmark: {n} conversations x {TURNS} turns, interleaved, "
+          f"best of {repeat} ({os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"load average {info['load_average_at_start']})", flush=True)
     with phase("recording the journey (offline model + real demo shop)"):
         script = await record_script(ROOT / "flows", ROOT / "prompts")
     for line in script.transcript:
         print("    " + line[:110])
     actions = replay_actions(script)
     flows = load_flows(ROOT / "flows", ROOT / "prompts", actions.names())
-    timings: dict[str, Any] = {}
+    reps: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
     store_work: dict[str, Any] = {}
     bytes_info: dict[str, Any] = {}
+    breakdown_info: dict[str, Any] = {}
 
     with tempfile.TemporaryDirectory(prefix="helpline-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        # Warm-up: imports, lazily compiled templates, caches.
-        warm_store = MemoryStore()
-        await run_engine(make_engine(flows, warm_store, ScriptedModel(script), actions),
+        # Warm-up: lazily compiled templates, caches, first-use imports.
+        await run_engine(make_engine(flows, MemoryStore(), ScriptedModel(script), actions),
                          "warm", 20)
         run_floor(script, 20, None)
 
-        with phase("floor, in memory"):
-            timings["floor_memory"] = run_floor(script, n, None).summary()
-        with phase("floor, SQLite"):
-            timings["floor_sqlite"] = run_floor(script, n, tmp / "floor.db").summary()
+        for rep in range(repeat):
+            print(f"- repetition {rep + 1}/{repeat}", flush=True)
+            with phase("floor, in memory"):
+                reps["floor_memory"].append(run_floor(script, n, None).summary())
+            with phase("engine, scripted model, MemoryStore"):
+                store = MemoryStore()
+                engine = make_engine(flows, store, ScriptedModel(script), actions)
+                reps["engine_memory"].append((await run_engine(engine, "mem", n)).summary())
+                await check_conversations(store, "mem", n)
+                info["gc_tracked_objects_after_memory_run"] = len(gc.get_objects())
+                del store, engine
+            with phase("floor, SQLite"):
+                floor_db = tmp / f"floor{rep}.db"
+                reps["floor_sqlite"].append(run_floor(script, n, floor_db).summary())
+                for f in tmp.glob(floor_db.name + "*"):
+                    f.unlink()
+            with phase("engine, scripted model, SQLStore (SQLite file)"):
+                db_path = tmp / f"engine{rep}.db"
+                sql_store = SQLStore(f"sqlite:///{db_path}")
+                await sql_store.open()
+                per_round: list[dict[str, Any]] = []
+                work = StoreWork(sql_store) if rep == 0 else None
+                after_round = (None if work is None
+                               else _bytes_after_round(work, per_round, db_path))
+                engine = make_engine(flows, sql_store, ScriptedModel(script), actions)
+                timing = await run_engine(engine, "sql", n, after_round)
+                reps["engine_sqlite"].append(timing.summary())
+                if work is not None:
+                    work.enabled = False
+                    store_work = work.per_turn(n * TURNS)
+                    bytes_info = per_round[-1]
+                    bytes_info["state_bytes_mean_after_turn"] = [
+                        r["state_bytes_mean"] for r in per_round]
+                    bytes_info["state_bytes_max_after_turn"] = [
+                        r["state_bytes_max"] for r in per_round]
+                await check_conversations(sql_store, "sql", n)
+                await sql_store.close()
+                for f in tmp.glob(db_path.name + "*"):
+                    f.unlink()
+                del engine, sql_store
+            with phase("engine, offline model, MemoryStore"):
+                store = MemoryStore()
+                engine = make_engine(flows, store, OfflineModel(), actions)
+                reps["engine_offline_memory"].append(
+                    (await run_engine(engine, "off", n)).summary())
+                await check_conversations(store, "off", n)
+                del store, engine
 
-        with phase("engine, scripted model, MemoryStore"):
-            store = MemoryStore()
-            engine = make_engine(flows, store, ScriptedModel(script), actions)
-            timings["engine_memory"] = (await run_engine(engine, "mem", n)).summary()
-            await check_conversations(store, "mem", n)
-            del store, engine
+        with phase("breakdown of a turn (instrumented run)"):
+            breakdown_info = await breakdown(ROOT / "flows", ROOT / "prompts", script,
+                                             max(n // 4, 50), tmp)
 
-        with phase("engine, scripted model, SQLStore (SQLite file)"):
-            db_path = tmp / "engine.db"
-            sql_store = SQLStore(f"sqlite:///{db_path}")
-            await sql_store.open()
-            work = StoreWork(sql_store)
-            per_round: list[dict[str, Any]] = []
-
-            async def after_round(turn: int) -> None:
-                work.enabled = False
-                per_round.append(state_bytes(db_path, "sql"))
-                work.enabled = True
-
-            engine = make_engine(flows, sql_store, ScriptedModel(script), actions)
-            timings["engine_sqlite"] = (await run_engine(engine, "sql", n, after_round)).summary()
-            work.enabled = False
-            await check_conversations(sql_store, "sql", n)
-            await sql_store.close()
-            store_work = work.per_turn(n * TURNS)
-            bytes_info = per_round[-1]
-            bytes_info["state_bytes_mean_after_turn"] = [r["state_bytes_mean"]
-                                                         for r in per_round]
-            del engine, sql_store
-
-        with phase("engine, offline model, MemoryStore"):
-            store = MemoryStore()
-            engine = make_engine(flows, store, OfflineModel(), actions)
-            timings["engine_offline_memory"] = (await run_engine(engine, "off", n)).summary()
-            await check_conversations(store, "off", n)
-            del store, engine
-
-    with phase(f"peak memory, {n} conversations in a fresh process"):
-        memory = run_memory_child(n, with_tracemalloc=False)
-        memory.update({k: v for k, v in run_memory_child(n, with_tracemalloc=True).items()
+    with phase(f"peak memory, {n} conversations in a fresh process (memory store)"):
+        memory = run_memory_child(n, script, with_tracemalloc=False)
+        memory.update({k: v for k, v in run_memory_child(n, script, True).items()
                        if k.startswith("tracemalloc")})
 
-    levels = [100, 200, 400] if quick else [500, 1000, 2000, 3000, 4000, 5000, 6000]
+    levels = ([100, 250, 500] if quick else
+              [250, 500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000])
     concurrency: dict[str, Any] = {}
+    deadline = time.perf_counter() + (30 if quick else 150)
     with phase(f"concurrency, model sleeping {MODEL_DELAY_S * 1000:.0f} ms per call"), \
-            tempfile.TemporaryDirectory(prefix="helpline-bench-") as tmp_name:
+            tempfile.TemporaryDirectory(prefix="helpline-bench-") as conc_tmp:
 
         async def memory_store(n: int) -> Store:
             return MemoryStore()
 
         async def sqlite_store(n: int) -> Store:
-            store = SQLStore(f"sqlite:///{Path(tmp_name) / f'conc{n}.db'}")
+            store = SQLStore(f"sqlite:///{Path(conc_tmp) / f'conc{n}.db'}")
             await store.open()
             return store
 
         concurrency["memory"] = await concurrency_sweep(flows, script, actions, levels,
-                                                        memory_store, "memory")
-        concurrency["sqlite"] = await concurrency_sweep(flows, script, actions, levels,
-                                                        sqlite_store, "sqlite")
+                                                        memory_store, "memory", deadline)
+        concurrency["sqlite"] = await concurrency_sweep(
+            flows, script, actions, sorted({100, *levels}), sqlite_store, "sqlite",
+            deadline + 30)
 
+    info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return {
-        "machine": machine_info(),
+        "machine": info,
         "config": {
             "conversations": n,
             "turns_per_conversation": TURNS,
             "interleaved": True,
+            "repetitions": repeat,
+            "reported": "the repetition with the lowest mean wall time per variant",
             "journey": [f"{k}: {t}" for k, t in JOURNEY],
             "quick": quick,
             "concurrency_model_delay_ms": MODEL_DELAY_S * 1000,
-            "concurrency_timed_turns": "turns 2-4 (one model call each)",
+            "concurrency_timed_turns": "turns 2-4 (one model call each), started at random "
+                                       "offsets within 200 ms; turn 1 done beforehand",
         },
         "transcript": script.transcript,
         "context": {"demo_shop_action_ms": script.action_ms},
-        "timings": timings,
+        "timings": {v: _best(reps[v]) for v in VARIANTS},
         "store_work_per_turn_sqlite": store_work,
         "state_bytes_sqlite": bytes_info,
         "memory": memory,
+        "breakdown": breakdown_info,
         "concurrency": concurrency,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
 
 
+# --------------------------------------------------------------------------- report
+
+
 def evaluate(r: dict[str, Any]) -> dict[str, Any]:
     t = r["timings"]
-    fm, fs = t["floor_memory"]["mean_us"], t["floor_sqlite"]["mean_us"]
-    ratios = {
-        "engine_memory": round(t["engine_memory"]["mean_us"] / fm, 2),
-        "engine_sqlite": round(t["engine_sqlite"]["mean_us"] / fs, 2),
-        "engine_offline_memory": round(t["engine_offline_memory"]["mean_us"] / fm, 2),
-    }
+    ratios = {v: round(t[v]["mean_us"] / t[f]["mean_us"], 2) for v, f in FLOOR_OF.items()}
+    cpu_ratios = {v: round(t[v]["cpu_us_min"] / t[f]["cpu_us_min"], 2)
+                  for v, f in FLOOR_OF.items()}
     conc = r["concurrency"]["memory"]["max_concurrent_p99_under_250ms"]
-    commits = r["store_work_per_turn_sqlite"]["commits"]
-    state = r["state_bytes_sqlite"]["state_bytes_max"]
-    peak = r["memory"]["rss_peak_delta_mib"]
     return {
         "ratio_vs_floor": ratios,
+        "cpu_ratio_vs_floor": cpu_ratios,
         "goals": {
             "engine_memory_at_most_2x_floor": ratios["engine_memory"] <= GOAL_RATIO,
             "engine_sqlite_at_most_2x_floor": ratios["engine_sqlite"] <= GOAL_RATIO,
-            "one_commit_per_turn": commits <= GOAL_COMMITS,
-            "state_under_1_5_kb": state < GOAL_STATE_BYTES,
-            "peak_memory_under_60_mib": peak < GOAL_PEAK_MIB,
+            "one_commit_per_turn":
+                r["store_work_per_turn_sqlite"]["commits"] <= GOAL_COMMITS,
+            "state_under_1_5_kb": r["state_bytes_sqlite"]["state_bytes_max"] < GOAL_STATE_BYTES,
+            "peak_memory_under_60_mib": r["memory"]["rss_peak_delta_mib"] < GOAL_PEAK_MIB,
             "at_least_3000_concurrent": conc >= GOAL_CONCURRENT,
         },
     }
 
 
+def build_notes(r: dict[str, Any]) -> list[str]:
+    """Why the goals that are missed are missed, and what would close them.
+
+    The hotspots are from cProfile runs (``--profile memory``/``--profile
+    sqlite``) and the instrumented breakdown of this run; the numbers quoted
+    are this run's.
+    """
+    t, e = r["timings"], r["evaluation"]
+    bd = r.get("breakdown", {})
+    mem = bd.get("memory_cpu_us_per_turn", {})
+    sql = bd.get("sqlite_wall_us_per_turn", {})
+    hop = bd.get("thread_hop_us", {})
+    sel = bd.get("select_by_key_us", {})
+    w = r["store_work_per_turn_sqlite"]
+
+    def part(table: dict[str, Any], key: str, field_name: str = "us_per_turn") -> float:
+        value = table.get(key, {})
+        return float(value.get(field_name, 0.0)) if isinstance(value, dict) else float(value)
+
+    parts_text = ", ".join(
+        f"{k} {v['us_per_turn']}" + (f" ({v['us_per_call']} us per call)"
+                                     if v["calls_per_turn"] != 1 else "")
+        for k, v in mem.items() if isinstance(v, dict))
+    parts_text += (f", everything else (turn core, runner) {mem.get(_REST, '?')}, of which "
+                   f"about {mem.get(_OVERHEAD, '?')} is the instrumentation's own cost")
+    fire = part(mem, "state machine fire (transitions)")
+    commit = part(mem, "store.commit_turn")
+    gc_us = float(mem.get(_GC, 0))
+    notes = [
+        f"Machine: {r['machine']['cpu_count']} CPUs shared with other work (load average "
+        f"{r['machine']['load_average_at_start']} at start, "
+        f"{r['machine'].get('load_average_at_end')} at end); wall-clock means and p99 include "
+        "preemption, so the CPU-time ratios (cpu_ratio_vs_floor) are given too. The floor "
+        f"measured {t['floor_memory']['cpu_us_min']} us CPU per turn in memory and "
+        f"{t['floor_sqlite']['cpu_us_min']} us on SQLite (the issue expects about 30 and 50).",
+    ]
+    ratio_m, cpu_m = e["ratio_vs_floor"]["engine_memory"], e["cpu_ratio_vs_floor"]["engine_memory"]
+    if not e["goals"]["engine_memory_at_most_2x_floor"]:
+        target = 2 * t["floor_memory"]["cpu_us_min"]
+        notes.append(
+            f"Engine in memory: {ratio_m}x the floor in wall time ({cpu_m}x in CPU time), "
+            f"goal 2x: missed by {ratio_m / GOAL_RATIO:.1f}x; to reach it the turn must drop from "
+            f"{mem.get('total', '?')} to about {target:.0f} us CPU. Where a turn goes (CPU us "
+            f"per turn, instrumented run): {parts_text}; the garbage collector takes {gc_us} us "
+            "per turn on average, and its full collections walk every tracked object "
+            f"({r['machine'].get('gc_tracked_objects_at_start', 0):,} in this process before "
+            "the first turn: modules, SQLAlchemy, pydantic and Jinja internals; "
+            f"{r['machine'].get('gc_tracked_objects_after_memory_run', 0):,} once the memory "
+            "store holds every conversation, about two per stored message), which makes "
+            f"the p99 and max (longest pause {t['engine_memory']['gc_max_pause_ms']} ms).")
+        notes.append(
+            "What would close it (estimated saving per turn): (1) engine/flow/machine.py "
+            "FlowMachine.fire: keep building the transitions Machine once per flow for "
+            "validation and diagrams, but fire from a precomputed {(state, trigger): "
+            "transitions in declared order} table, evaluating guards directly (same "
+            f"first-guard-wins semantics): ~{fire:.0f} us -> <1 us. (2) engine/store/memory.py "
+            "MemoryStore.commit_turn: it re-creates every MessageRecord and JSON-encodes the "
+            "three state documents and each message's data on every turn; keep the caller's "
+            "frozen records (copy only non-empty data), skip re-encoding unchanged documents: "
+            f"about half of its {commit:.0f} us. (3) gc.freeze() after start-up in the serving "
+            "process (engine/app.py or the CLI), so full collections stop walking the import "
+            f"graph: most of the {gc_us:.0f} us GC share and the multi-millisecond p99 tail. "
+            "(4) engine/core/turn.py: template_context()/scope()/labels() are rebuilt for every "
+            "say/ask even when the text is static (no Jinja): build the context once per turn, "
+            "lazily, only for templated texts: a few us.")
+    if not e["goals"]["engine_sqlite_at_most_2x_floor"]:
+        ratio_s = e["ratio_vs_floor"]["engine_sqlite"]
+        calls = w.get("store_calls", 3)
+        notes.append(
+            f"Engine on SQLite: {ratio_s}x the floor in wall time "
+            f"({e['cpu_ratio_vs_floor']['engine_sqlite']}x in CPU time), goal 2x: missed by "
+            f"{ratio_s / GOAL_RATIO:.1f}x. The store is not the ORM (it already runs SQLAlchemy "
+            f"Core statements built once) and does one transaction and {w.get('commits')} "
+            f"commit per turn, but a turn makes {calls} store calls (seen, load, commit_turn), "
+            f"each a thread hop to the store's worker thread (a no-op hop costs "
+            f"{hop.get('wall')} us wall / {hop.get('cpu')} us CPU here) plus a pool checkout, "
+            f"and runs "
+            f"{w.get('statements')} statements through Core: a SELECT by key costs "
+            f"{sel.get('core')} us through Core vs {sel.get('raw')} us on the raw sqlite3 "
+            f"cursor. Store calls as the loop sees them (us per turn): seen "
+            f"{part(sql, 'store.seen')}, load {part(sql, 'store.load')}, commit_turn "
+            f"{part(sql, 'store.commit_turn')}, of {sql.get('total')} per turn.")
+        notes.append(
+            "What would close it: (1) engine/runner.py + Store: one store call to start a turn "
+            "(dedupe lookup and load together, e.g. Store.begin_turn(key, channel_message_id)), "
+            "so a turn makes 2 thread hops instead of 3 (-1 hop and -1 checkout, ~"
+            f"{(hop.get('wall') or 0) + 10:.0f} us); (2) engine/store/sql.py: on SQLite run the "
+            "three hot statements (load, seen, conversation UPDATE/INSERT + executemany message "
+            "insert) as prepared SQL strings on the DBAPI connection "
+            "(conn.exec_driver_sql / driver_connection) with parameters already encoded by "
+            "_conversation_params/_message_params (JSON text, UTC datetime text), keeping Core "
+            "for everything else and for PostgreSQL: saves roughly "
+            f"{max(0.0, (sel.get('core') or 0) - (sel.get('raw') or 0)):.0f} us per statement, "
+            f"~{w.get('statements', 0)} statements per turn; (3) the rest is the in-memory "
+            "turn's own cost above, which SQLite inherits. SQLite's own commit also writes more "
+            "pages than the floor's (a ~1 KB conversation row with two secondary indexes, "
+            f"{w.get('by_verb', {}).get('INSERT', '?')} INSERT statements per turn into the "
+            "message log with two unique indexes, and the entity history).")
+    if not e["goals"]["at_least_3000_concurrent"]:
+        c = r["concurrency"]["memory"]
+        best = c["max_concurrent_p99_under_250ms"]
+        need = GOAL_CONCURRENT / MODEL_DELAY_S
+        notes.append(
+            f"Concurrency: {best} concurrent conversations in memory with p99 < 250 ms (goal "
+            f"{GOAL_CONCURRENT}). With a 200 ms model every conversation asks for a turn every "
+            f"~200 ms, so {GOAL_CONCURRENT} conversations need ~{need:,.0f} turns/s from one "
+            f"event loop: at most {1e6 / need:.0f} us of CPU per turn including asyncio's timer "
+            f"and "
+            f"task overhead. The engine's turn costs {t['engine_memory']['cpu_us_min']} us CPU "
+            "(see above) on a CPU shared with other work, so the loop saturates at "
+            f"~{best}-{best * 2} conversations; the fixes above (towards 2x the floor, ~60 us) "
+            "are what brings 3000 in reach on a free core; beyond that, several worker "
+            "processes sharded by conversation key.")
+    if not e["goals"]["peak_memory_under_60_mib"]:
+        notes.append("Peak memory above 60 MiB for the conversations: see memory in the JSON.")
+    m = r["memory"]
+    notes.append(
+        f"Memory: {r['config']['conversations']} conversations in the memory store add "
+        f"{m['rss_peak_delta_mib']} MiB RSS at peak (tracemalloc peak "
+        f"{m.get('tracemalloc_peak_mib')} MiB, mostly the message log: "
+        f"{m['messages_per_conversation']} records per conversation as Python objects); the "
+        f"process itself (Python, pydantic, Jinja, transitions, the flows) starts at "
+        f"{m['rss_baseline_mib']} MiB, {m['rss_peak_mib']} MiB at peak. The goal is judged on "
+        "the conversations' share; a SQL-store process also imports SQLAlchemy (~20 MiB).")
+    return notes
+
+
 def markdown(r: dict[str, Any]) -> str:
     t = r["timings"]
-    g = r["evaluation"]["goals"]
-    ratio = r["evaluation"]["ratio_vs_floor"]
+    ev = r["evaluation"]
+    g = ev["goals"]
     w = r["store_work_per_turn_sqlite"]
     b = r["state_bytes_sqlite"]
     m = r["memory"]
@@ -931,51 +1383,56 @@ def markdown(r: dict[str, Any]) -> str:
     def ok(flag: bool) -> str:
         return "met" if flag else "**missed**"
 
-    def row(label: str, key: str, ratio_key: str | None, goal: str) -> str:
+    def row(label: str, key: str, goal: str) -> str:
         s = t[key]
-        rat = f"{ratio[ratio_key]:.2f}x" if ratio_key else "-"
-        return (f"| {label} | {s['turns_per_s']:,} | {s['mean_us']:.1f} | {s['p99_us']:.1f} | "
-                f"{rat} | {goal} |")
+        floor = FLOOR_OF.get(key)
+        rat = (f"{ev['ratio_vs_floor'][key]:.1f}x / {ev['cpu_ratio_vs_floor'][key]:.1f}x"
+               if floor else "-")
+        return (f"| {label} | {s['turns_per_s']:,} | {s['mean_us']:.0f} | {s['p50_us']:.0f} | "
+                f"{s['p99_us']:.0f} | {s['cpu_us_min']:.0f} | {rat} | {goal} |")
 
     lines = [
-        f"Measured {mi['date'][:10]} on {mi['cpu_count']} CPUs ({mi['cpu_model'] or 'unknown'}), "
-        f"Python {mi['python']}, SQLite {mi['sqlite']}, SQLAlchemy {mi['sqlalchemy']}: "
-        f"{n} conversations x {TURNS} turns, interleaved (turn 1 of all, then turn 2 of all...).",
+        f"Measured {mi['date'][:10]} on {mi['cpu_count']} shared CPUs "
+        f"({mi['cpu_model'] or 'unknown CPU'}, load average {mi['load_average_at_start']}), "
+        f"Python {mi['python']}, SQLite {mi['sqlite']}, SQLAlchemy {mi['sqlalchemy']}; "
+        f"{n} conversations x {TURNS} turns, interleaved (turn 1 of every conversation, then "
+        f"turn 2, ...), best of {r['config']['repetitions']} runs. `python bench/turns.py` "
+        "(`make bench`) reproduces it; results in `bench/results/turns.json`.",
         "",
-        "| Per-turn cost | turns/s | mean us | p99 us | vs floor | goal |",
-        "|---|---:|---:|---:|---:|---|",
-        row("floor, in memory", "floor_memory", None, ""),
-        row("floor, SQLite", "floor_sqlite", None, ""),
-        row("engine, scripted model, memory store", "engine_memory", "engine_memory",
+        "| Per turn | turns/s | mean us | p50 us | p99 us | CPU us | vs floor (wall / CPU) "
+        "| goal |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+        row("floor, in memory", "floor_memory", ""),
+        row("floor, SQLite", "floor_sqlite", ""),
+        row("engine, scripted model, memory store", "engine_memory",
             f"<= 2x floor: {ok(g['engine_memory_at_most_2x_floor'])}"),
-        row("engine, scripted model, SQLite store", "engine_sqlite", "engine_sqlite",
+        row("engine, scripted model, SQLite store", "engine_sqlite",
             f"<= 2x floor: {ok(g['engine_sqlite_at_most_2x_floor'])}"),
         row("engine, offline model, memory store", "engine_offline_memory",
-            "engine_offline_memory", "(model cost included)"),
+            "model cost included"),
         "",
-        "Mean per turn of the journey (us), turns 1-6: "
-        f"floor memory {t['floor_memory']['by_turn_mean_us']}, "
-        f"engine memory {t['engine_memory']['by_turn_mean_us']}, "
-        f"engine SQLite {t['engine_sqlite']['by_turn_mean_us']}.",
+        "Mean wall time by turn of the journey (us, turns 1-6): floor "
+        f"{t['floor_memory']['by_turn_mean_us']}, engine in memory "
+        f"{t['engine_memory']['by_turn_mean_us']}, engine on SQLite "
+        f"{t['engine_sqlite']['by_turn_mean_us']}.",
         "",
         "| Resource | measured | goal |",
         "|---|---|---|",
         f"| store work per turn (SQLite) | {w['statements']} statements "
-        f"({', '.join(f'{k} {v}' for k, v in w['by_verb'].items())}), "
-        f"{w['commits']} commit, {w['store_calls']} store calls (thread hops) | "
+        f"({', '.join(f'{v} {k}' for k, v in w['by_verb'].items())}), {w['rows_written']} "
+        f"rows written, {w['commits']} commit, {w['store_calls']} store calls (thread hops) | "
         f"one commit: {ok(g['one_commit_per_turn'])} |",
-        f"| conversation state stored (excl. message log) | mean {b['state_bytes_mean']} B, "
-        f"max {b['state_bytes_max']} B (results {b['results']}, entities {b['entities']}, "
-        f"counters {b['counters']}, scalars {b['scalars']}) | < 1.5 KB: "
-        f"{ok(g['state_under_1_5_kb'])} |",
+        f"| conversation state stored, excluding the message log | mean "
+        f"{b['state_bytes_mean']} B, max {b['state_bytes_max']} B (results {b['results']}, "
+        f"entities {b['entities']}, counters {b['counters']}, other columns {b['scalars']}) | "
+        f"< 1.5 KB: {ok(g['state_under_1_5_kb'])} |",
         f"| message log per conversation | {b['message_log_bytes_per_conversation']} B in "
         f"{b['messages_per_conversation']} rows; entity history "
-        f"{b['entity_history_bytes_per_conversation']} B; SQLite file "
-        f"{b['db_file_bytes_per_conversation']} B/conversation | - |",
-        f"| peak memory, {n} conversations, memory store | RSS +{m['rss_peak_delta_mib']} MiB "
-        f"(process peak {m['rss_peak_mib']} MiB, baseline {m['rss_baseline_mib']} MiB); "
-        f"tracemalloc peak {m.get('tracemalloc_peak_mib')} MiB, retained "
-        f"{m.get('tracemalloc_retained_mib')} MiB | < 60 MiB: "
+        f"{b['entity_history_bytes_per_conversation']} B; SQLite file with indexes "
+        f"{b['db_file_bytes_per_conversation']} B | - |",
+        f"| peak memory, {n} conversations, memory store | +{m['rss_peak_delta_mib']} MiB RSS "
+        f"(tracemalloc peak {m.get('tracemalloc_peak_mib')} MiB); process {m['rss_baseline_mib']}"
+        f" MiB before, {m['rss_peak_mib']} MiB at peak | < 60 MiB: "
         f"{ok(g['peak_memory_under_60_mib'])} |",
         f"| concurrent conversations, model 200 ms, p99 < 250 ms, memory store | "
         f"{cm['max_concurrent_p99_under_250ms']} | >= 3000: "
@@ -986,26 +1443,36 @@ def markdown(r: dict[str, Any]) -> str:
         "SQLite p50 / p99 ms | SQLite turns/s |",
         "|---:|---|---:|---|---:|",
     ]
-    by_n_sql = {x["conversations"]: x for x in cs["levels"]}
-    for x in cm["levels"]:
-        s = by_n_sql.get(x["conversations"])
-        sql_cells = (f"{s['p50_ms']} / {s['p99_ms']} | {s['turns_per_s']:,}" if s
-                     else "- | -")
-        lines.append(f"| {x['conversations']} | {x['p50_ms']} / {x['p99_ms']} | "
-                     f"{x['turns_per_s']:,} | {sql_cells} |")
-    for n_sql, s in by_n_sql.items():
-        if n_sql not in {x["conversations"] for x in cm["levels"]}:
-            lines.append(f"| {n_sql} | - | - | {s['p50_ms']} / {s['p99_ms']} | "
-                         f"{s['turns_per_s']:,} |")
+    mem_rows = {x["conversations"]: x for x in cm["levels"]}
+    sql_rows = {x["conversations"]: x for x in cs["levels"]}
+    for level in sorted(set(mem_rows) | set(sql_rows)):
+        x, s = mem_rows.get(level), sql_rows.get(level)
+        cells = [f"{x['p50_ms']} / {x['p99_ms']} | {x['turns_per_s']:,}" if x else "- | -",
+                 f"{s['p50_ms']} / {s['p99_ms']} | {s['turns_per_s']:,}" if s else "- | -"]
+        lines.append(f"| {level} | {cells[0]} | {cells[1]} |")
+    bd = r.get("breakdown", {}).get("memory_cpu_us_per_turn", {})
+    if bd:
+        lines += ["", "Where an in-memory turn's CPU time goes (instrumented run, us per turn): "
+                  + "; ".join(f"{k} {v['us_per_turn'] if isinstance(v, dict) else v}"
+                              for k, v in bd.items()) + "."]
     notes = r.get("notes") or []
     if notes:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
+def _fmt_timing(label: str, s: dict[str, Any], floor: dict[str, Any] | None) -> str:
+    ratio = ""
+    if floor:
+        ratio = (f"{s['mean_us'] / floor['mean_us']:5.1f}x wall "
+                 f"{s['cpu_us_min'] / floor['cpu_us_min']:5.1f}x cpu")
+    return (f"  {label:<32} {s['turns_per_s']:>7} turns/s  mean {s['mean_us']:>7.1f} us  "
+            f"p99 {s['p99_us']:>8.1f} us  cpu {s['cpu_us_min']:>6.1f} us  {ratio}")
+
+
 def print_summary(r: dict[str, Any]) -> None:
     t = r["timings"]
-    print("\nPer-turn cost (mean is compared with the floor doing the same work):")
+    print("\nPer-turn cost (best repetition; ratios against the floor doing the same work):")
     print(_fmt_timing("floor, in memory", t["floor_memory"], None))
     print(_fmt_timing("floor, SQLite", t["floor_sqlite"], None))
     print(_fmt_timing("engine, scripted, memory store", t["engine_memory"], t["floor_memory"]))
@@ -1016,38 +1483,46 @@ def print_summary(r: dict[str, Any]) -> None:
     print(f"\nStore work per turn (SQLite): {w['statements']} statements {w['by_verb']}, "
           f"{w['commits']} commits, {w['store_calls']} store calls")
     print(f"State bytes per conversation: mean {b['state_bytes_mean']}, max "
-          f"{b['state_bytes_max']} (after each turn: {b['state_bytes_mean_after_turn']}); "
+          f"{b['state_bytes_max']} (mean after each turn: {b['state_bytes_mean_after_turn']}); "
           f"message log {b['message_log_bytes_per_conversation']} B")
-    print(f"Memory: RSS +{m['rss_peak_delta_mib']} MiB (peak {m['rss_peak_mib']} MiB), "
-          f"tracemalloc peak {m.get('tracemalloc_peak_mib')} MiB")
+    print(f"Memory: +{m['rss_peak_delta_mib']} MiB RSS for the conversations (process peak "
+          f"{m['rss_peak_mib']} MiB), tracemalloc peak {m.get('tracemalloc_peak_mib')} MiB")
     for label in ("memory", "sqlite"):
         c = r["concurrency"][label]
         print(f"Concurrency ({label}): {c['max_concurrent_p99_under_250ms']} conversations "
               "with p99 < 250 ms")
+    print("\nBreakdown:")
+    for section, values in r["breakdown"].items():
+        print(f"  {section}: {json.dumps(values)}")
     print("\nGoals:")
     for goal, met in r["evaluation"]["goals"].items():
         print(f"  {'ok    ' if met else 'MISSED'} {goal}")
-
-
-#: Written by hand after profiling (see bench/README.md); kept in the JSON next to the numbers.
-NOTES_FILE = RESULTS / "turns_notes.json"
+    print("\nNotes:")
+    for note in r["notes"]:
+        print(f"  - {note}")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small smoke run (~10 s)")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small smoke run (~30 s)")
     parser.add_argument("--conversations", type=int, default=None)
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="repetitions of the timed runs (default 3, 1 with --quick)")
     parser.add_argument("--output", type=Path, default=None,
-                        help="JSON file (default bench/results/turns.json; a --quick run "
-                        "writes nothing unless this is given)")
+                        help="JSON file (default bench/results/turns.json, and turns.md next "
+                        "to it; a --quick run writes nothing unless this is given)")
     parser.add_argument("--profile", choices=("memory", "sqlite"),
-                        help="cProfile the engine's scripted run instead of benchmarking")
+                        help="print a cProfile of the engine's scripted run and exit")
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-derive evaluation, notes and the markdown from an existing "
+                        "results JSON (--output, default bench/results/turns.json)")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--script", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--tracemalloc", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.memory_child:
-        result = asyncio.run(memory_phase(args.memory_child, args.tracemalloc))
+        result = asyncio.run(memory_phase(args.memory_child, args.script, args.tracemalloc))
         print(json.dumps(result))
         return 0
     n = args.conversations or (200 if args.quick else 2000)
@@ -1055,10 +1530,20 @@ def main() -> int:
         print(asyncio.run(profile(args.profile, n)))
         return 0
 
-    result = asyncio.run(main_run(n, args.quick))
+    if args.report_only:
+        output = args.output or RESULTS / "turns.json"
+        result = json.loads(output.read_text(encoding="utf-8"))
+        result["evaluation"] = evaluate(result)
+        result["notes"] = build_notes(result)
+        output.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n",
+                          encoding="utf-8")
+        output.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
+        print(f"rewrote {output} and {output.with_suffix('.md')}")
+        return 0
+    repeat = args.repeat or (1 if args.quick else 3)
+    result = asyncio.run(main_run(n, args.quick, repeat))
     result["evaluation"] = evaluate(result)
-    if NOTES_FILE.exists():
-        result["notes"] = json.loads(NOTES_FILE.read_text(encoding="utf-8"))
+    result["notes"] = build_notes(result)
     print_summary(result)
     output = args.output
     if output is None:
@@ -1066,10 +1551,9 @@ def main() -> int:
             return 0
         output = RESULTS / "turns.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    md = markdown(result)
     output.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n",
-                           encoding="utf-8")
-    output.with_suffix(".md").write_text(md, encoding="utf-8")
+                      encoding="utf-8")
+    output.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
     print(f"\nwrote {output} and {output.with_suffix('.md')}")
     return 0
 

@@ -11,6 +11,7 @@ from engine.demo.actions import build_actions
 from engine.demo.shop import Shop
 from engine.flow.compiled import FlowSet
 from engine.flow.loader import load_flows
+from engine.metrics import Metrics
 from engine.models.base import Model
 from engine.models.claude import ClaudeModel, ModelIds
 from engine.models.offline import OfflineModel
@@ -55,7 +56,8 @@ def load_app_flows(settings: Settings, actions: ActionRegistry) -> FlowSet:
                       disclosure=settings.disclosure)
 
 
-async def build_app(settings: Settings, *, model: str | None = None) -> App:
+async def build_app(settings: Settings, *, model: str | None = None,
+                    metrics: Metrics | None = None) -> App:
     """Open the shop and the store, load the flows, and build the engine."""
     shop = Shop(settings.shop_database_path)
     await shop.open()
@@ -67,5 +69,6 @@ async def build_app(settings: Settings, *, model: str | None = None) -> App:
     await store.open()
     primary = make_model(settings, model)
     fallback = OfflineModel() if primary.name != "offline" else None
-    engine = Engine(flows, store, primary, actions, fallback=fallback, privacy=Privacy())
+    engine = Engine(flows, store, primary, actions, fallback=fallback, privacy=Privacy(),
+                    metrics=metrics)
     return App(settings, engine, shop, store)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -39,8 +39,17 @@ from engine.errors import (
     VersionConflictError,
 )
 from engine.flow.compiled import FlowSet
-from engine.models.base import Decision, DecisionRequest, HistoryItem, Model, RouteDecision
-from engine.store.base import ConversationState, Store, TurnWrite
+from engine.metrics import Metrics
+from engine.models.base import (
+    Decision,
+    DecisionRequest,
+    HistoryItem,
+    Model,
+    RouteDecision,
+    SummaryRequest,
+)
+from engine.models.offline import OfflineModel
+from engine.store.base import ConversationState, MessageRecord, Store, TurnWrite
 
 __all__ = ["Engine", "KeyedLocks", "PrivacyStep", "TurnResult"]
 
@@ -128,6 +137,7 @@ class Engine:
         history_turns: int = 12,
         clock: Callable[[], datetime] = utcnow,
         max_retries_on_conflict: int = 2,
+        metrics: Metrics | None = None,
     ) -> None:
         self.flows = flows
         self.store = store
@@ -142,6 +152,9 @@ class Engine:
         self._action_table: Mapping[str, Any] = {n: actions.get(n) for n in actions}
         self._subscribers: list[Subscriber] = []
         self._senders: dict[str, Sender] = {}
+        self.metrics = metrics
+        self._summarising: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.stats: dict[str, int] = {"turns": 0, "duplicates": 0, "fallbacks": 0,
                                       "conflicts": 0}
 
@@ -197,7 +210,26 @@ class Engine:
         finally:
             self._locks.release(lock_key)
 
+    def _count(self, inbound: Inbound, outcome: TurnOutcome, started: float) -> None:
+        metrics = self.metrics
+        if metrics is None:
+            return
+        conv = outcome.conversation
+        result = "muted" if outcome.muted else "handoff" if outcome.handoff else "replied"
+        metrics.count_turn(conv.flow, inbound.key.channel, result,
+                           seconds=time.perf_counter() - started)
+        if outcome.handoff is not None:
+            metrics.count_handoff(outcome.handoff.reason)
+        if inbound.kind == "rating" and inbound.rating is not None:
+            metrics.count_satisfaction(inbound.rating)
+        if "memory_mismatch" in outcome.events:
+            metrics.count_memory_mismatch()
+        estimate = conv.counters.get("last_estimate")
+        if estimate is not None and inbound.kind == "text" and not outcome.muted:
+            metrics.observe_satisfaction_estimate(estimate)
+
     async def _handle_locked(self, inbound: Inbound, deliver: bool) -> TurnResult:
+        started = time.perf_counter()
         for attempt in range(self.max_retries_on_conflict + 1):
             conv = await self.store.load(inbound.key)
             if conv is None:
@@ -222,9 +254,11 @@ class Engine:
                     raise
                 continue
             self.stats["turns"] += 1
+            self._count(inbound, outcome, started)
             if deliver:
                 await self.deliver(outcome.outbound)
             await self.publish(outcome)
+            self._maybe_summarise(outcome)
             return TurnResult(conv.id, outcome.outbound, outcome=outcome)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -250,8 +284,9 @@ class Engine:
     async def decide(self, request: DecisionRequest, conv: ConversationState) -> Decision:
         wants = getattr(self.model, "history_turns", 0)
         if wants:
-            request = replace(request, history=await self.history(request.conversation_id,
-                                                                  min(wants, self.history_turns)))
+            request = replace(request, history=await self.history(
+                request.conversation_id, min(wants, self.history_turns),
+                after=conv.counters.get("summary_seq", 0)))
         try:
             decision = await self.model.decide(request)
         except ModelError as exc:
@@ -291,15 +326,123 @@ class Engine:
                          (time.perf_counter() - started) * 1000)
         return ActionOutcome(result=result)
 
-    async def history(self, conversation_id: str, turns: int) -> list[HistoryItem]:
+    async def history(self, conversation_id: str, turns: int, *,
+                      after: int = 0) -> list[HistoryItem]:
+        """The verbatim window: messages after the summary (``after``), at most ``turns``."""
         if not conversation_id:
             return []
-        records = await self.store.messages(conversation_id)
-        items: list[HistoryItem] = []
-        for r in records:
-            if r.direction == "in" and r.kind == "text":
-                items.append(HistoryItem("customer", r.text))
-            elif r.direction == "out":
-                items.append(HistoryItem("agent" if r.author.startswith("agent") else "bot",
-                                         r.text))
-        return items[-turns:]
+        items = history_items(await self.store.messages(conversation_id, after_seq=after))
+        items = items[-turns:]
+        # Start at a customer message so a model call never opens mid-exchange.
+        while items and items[0].role != "customer":
+            items.pop(0)
+        return items
+
+    # -- summaries (off the reply path) ---------------------------------------------
+
+    def _maybe_summarise(self, outcome: TurnOutcome) -> None:
+        conv = outcome.conversation
+        flow = self.flows.flows.get(conv.flow) if conv.flow else None
+        if flow is None or conv.id in self._summarising:
+            return
+        spec = flow.spec.summary
+        pending = conv.counters.get("turn", 0) - conv.counters.get("summary_turn", 0)
+        if pending <= spec.after_turns:
+            return
+        self._summarising.add(conv.id)
+        task = asyncio.create_task(self._summarise(conv.id, spec.keep_turns),
+                                   name=f"summary-{conv.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _summarise(self, conversation_id: str, keep_turns: int) -> None:
+        try:
+            await self.summarise(conversation_id, keep_turns)
+        except Exception:  # a failed summary costs context size, never the conversation
+            logger.exception("summary for %s failed", conversation_id)
+        finally:
+            self._summarising.discard(conversation_id)
+
+    async def summarise(self, conversation_id: str, keep_turns: int) -> bool:
+        """Fold all but the last ``keep_turns`` customer turns into the running summary."""
+        conv = await self.store.load_by_id(conversation_id)
+        if conv is None:
+            return False
+        after = conv.counters.get("summary_seq", 0)
+        records = await self.store.messages(conversation_id, after_seq=after)
+        starts = [r.seq for r in records if r.direction == "in"]
+        if len(starts) <= keep_turns:
+            return False
+        cut = starts[-keep_turns]  # first seq kept verbatim (a customer message)
+        folded = history_items([r for r in records if r.seq < cut])
+        flow = self.flows.flows.get(conv.flow) if conv.flow else None
+        request = SummaryRequest(flow=flow, previous=conv.summary, turns=folded,
+                                 language=conv.language,
+                                 pinned={k: v["v"] for k, v in conv.entities.items()},
+                                 conversation_id=conv.id)
+        ok = True
+        try:
+            text = await self.model.summarise(request)
+        except ModelError as exc:
+            ok = False
+            logger.warning("summary model failed (%s); using the extractive summary", exc)
+            text = await (self.fallback or OfflineModel()).summarise(request)
+        if self.metrics is not None:
+            self.metrics.count_summary(ok=ok)
+        text = f"Customer language: {conv.language}\n{text.strip()}"
+        turn_count = conv.counters.get("turn", 0) - keep_turns
+        for _ in range(self.max_retries_on_conflict + 2):
+            await self._locks.acquire(str(conv.key))
+            try:
+                fresh = await self.store.load_by_id(conversation_id)
+                if fresh is None or fresh.counters.get("summary_seq", 0) >= cut - 1:
+                    return False
+                expected = fresh.version
+                fresh.summary = text
+                fresh.counters["summary_seq"] = cut - 1
+                fresh.counters["summary_turn"] = max(turn_count, 0)
+                fresh.seq += 1
+                record = MessageRecord(
+                    conversation_id=fresh.id, seq=fresh.seq, direction="event", kind="event",
+                    author="system", text="summary", created_at=self.clock(),
+                    data={"upto_seq": cut - 1, "ok": ok, "chars": len(text)})
+                try:
+                    await self.store.commit_turn(TurnWrite(fresh, expected, [record]))
+                except VersionConflictError:
+                    continue
+                return True
+            finally:
+                self._locks.release(str(conv.key))
+        return False
+
+    async def drain(self) -> None:
+        """Wait for background work (summaries) to finish; used at shutdown and in tests."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def history_items(records: Sequence[MessageRecord]) -> list[HistoryItem]:
+    """Transcript items for a model, with model decisions as tool calls.
+
+    Bot messages that follow a recorded decision are folded into that
+    decision's verdict (the model sees what the customer was shown there).
+    Notes and other events are never part of a model's transcript.
+    """
+    items: list[HistoryItem] = []
+    open_tool: dict[str, Any] | None = None
+    for r in records:
+        if r.direction == "in" and r.kind == "text":
+            open_tool = None
+            items.append(HistoryItem("customer", r.text))
+        elif r.direction == "event" and r.kind == "decision":
+            open_tool = {"id": r.data.get("tool_use_id"), "input": r.data.get("input", {}),
+                         "result": r.data.get("verdict", "")}
+            items.append(HistoryItem("bot", str(r.data.get("input", {}).get("reply", "")),
+                                     open_tool))
+        elif r.direction == "out":
+            if r.author.startswith("agent"):
+                open_tool = None
+                items.append(HistoryItem("agent", r.text))
+            elif open_tool is None:
+                items.append(HistoryItem("bot", r.text))
+    return items

@@ -122,6 +122,7 @@ class TurnCore:
         self.norm = normalize(inbound.text)
         #: Routed this turn: the start state is entered after the message is read.
         self.fresh = False
+        self.decision: Decision | None = None
         self._last_normal: str | None = conv.state
 
     # -- helpers -------------------------------------------------------------
@@ -326,6 +327,7 @@ class TurnCore:
         if state.kind != "normal":
             return
         missing = [e for e in state.collect if e not in conv.entities]
+        turn = conv.counters.get("turn", 0)
         request = DecisionRequest(
             flow=flow, state=state.name, text=self.inbound.model_text or self.inbound.text,
             language=conv.language, entities=self.plain_entities(),
@@ -333,11 +335,17 @@ class TurnCore:
             turn=conv.counters.get("turn", 0), conversation_id=conv.id,
             raw_text=self.inbound.text,
             handback=str(conv.results.get("handback", {}).get("note", "")),
+            memory_note=str(conv.results.get("_memory_note", "")),
+            check_memory=bool(flow.pinned) and turn % flow.spec.summary.check_every == 0,
         )
-        # The hand-back marker is shown to the model once.
+        # Hand-back markers and memory corrections are shown to the model once.
         conv.results.pop("handback", None)
+        conv.results.pop("_memory_note", None)
         decision: Decision = yield DecideNeed(request)
         self.out.model = decision.model
+        self.decision = decision
+        if request.check_memory:
+            self.check_memory(flow, decision)
 
         if decision.wants_human and flow.handoff.on_request:
             self.handoff("request", "the model understood a request for a human")
@@ -390,6 +398,39 @@ class TurnCore:
 
         # Stayed in the state: ask for what is missing, or re-prompt.
         self.stay(flow, state, decision, progressed)
+
+    def check_memory(self, flow: Flow, decision: Decision) -> None:
+        """Compare the model's view of the pinned entities with the store.
+
+        The store is the truth. A disagreement is logged as an event, counted,
+        and corrected in the next prompt; the model's values are never taken
+        from this echo (entities only change through ``entities``).
+        """
+        echo = decision.pinned_echo
+        if echo is None:
+            self.event("memory_check", ok=True, echoed=False)
+            return
+        wrong: dict[str, Any] = {}
+        for name in flow.pinned:
+            stored = self.conv.entities.get(name, {}).get("v")
+            seen = echo.get(name)
+            if seen in (None, "") and stored is None:
+                continue
+            try:
+                normalised = flow.entities[name].type.parse(seen) if seen not in (None, "") \
+                    else None
+            except EntityValueError:
+                normalised = seen
+            if normalised != stored:
+                wrong[name] = {"model": seen, "store": stored}
+        if not wrong:
+            self.event("memory_check", ok=True)
+            return
+        self.bump("memory_mismatches")
+        self.event("memory_mismatch", mismatches=wrong)
+        facts = "; ".join(f"{n} is {v['store']!r}, not {v['model']!r}" if v["store"] is not None
+                          else f"{n} is not known yet" for n, v in wrong.items())
+        self.conv.results["_memory_note"] = f"Correction from the system of record: {facts}."
 
     def record_estimate(self, flow: Flow | None, estimate: int) -> None:
         estimate = max(1, min(5, estimate))
@@ -456,9 +497,19 @@ class TurnCore:
     def stay(self, flow: Flow, state: State, decision: Decision, progressed: bool) -> None:
         conv = self.conv
         missing = [e for e in state.collect if e not in conv.entities]
+        if decision.off_topic and not progressed:
+            # Small talk is not a failed attempt, but endless digressions are.
+            if self.bump("off_topic") >= 3 * flow.handoff.max_failed_attempts:
+                self.handoff("failures", "the conversation keeps drifting off topic")
+                return
+            if decision.reply:
+                self.say(decision.reply)
+                return
+        elif progressed:
+            self.clear("off_topic")
         if missing:
             entity = flow.entities[missing[0]]
-            if not progressed:
+            if not progressed and not decision.off_topic:
                 attempts = self.bump(f"attempts:{entity.name}")
                 if attempts >= entity.max_attempts:
                     self.handoff("failures", f"could not get {entity.name} after "
@@ -471,6 +522,8 @@ class TurnCore:
             return
         if progressed:
             self.clear(f"stuck:{state.name}")
+        elif decision.off_topic:
+            pass
         elif self.bump(f"stuck:{state.name}") >= flow.handoff.max_failed_attempts:
             self.handoff("failures", f"no progress in state {state.name}")
             return
@@ -648,10 +701,33 @@ class TurnCore:
             detail=detail,
         )
 
+    def verdict(self) -> str:
+        """What the engine made of the model's proposal, for the model's next turn."""
+        conv = self.conv
+        notes = [e for e in self.out.events
+                 if e in ("transition_rejected", "entity_rejected", "handoff", "routed",
+                          "correction_rewind", "policy_violation", "action_failed")]
+        state = conv.state or "-"
+        shown = " | ".join(text for text, _, _ in self.replies)
+        verdict = f"state is now {state}; owner {conv.owner}"
+        if notes:
+            verdict += "; " + ", ".join(notes)
+        if shown:
+            verdict += f"; the customer was shown: {shown}"
+        return verdict
+
     # -- finishing -----------------------------------------------------------
 
     def finish(self) -> TurnOutcome:
         conv = self.conv
+        decision = self.decision
+        if decision is not None and decision.tool_use_id:
+            # Kept so the next request can replay the model's tool call with the
+            # engine's verdict as its result (see engine.memory).
+            self.record("event", "decision", "system", "decision", {
+                "tool_use_id": decision.tool_use_id, "input": dict(decision.raw or {}),
+                "verdict": self.verdict(),
+            })
         for text, kind, quick in self.replies:
             seq = self.record("out", "text", "bot", text,
                               {"kind": kind, "quick": [q.payload for q in quick]} if quick

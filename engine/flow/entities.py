@@ -17,10 +17,12 @@ options, for example::
             synonyms: [damaged, broken, 坏了, 破损]
             label: {en: Damaged item, zh: 商品破损}
 
-The flow loader owns the conversational keys (``ask``, ``reprompt``, ``pin``,
-``max_attempts``) and ``type``; it passes everything else to
+The flow loader owns ``type`` and the conversational keys (``ask``,
+``reprompt``, ``pin``, ``max_attempts``, and whatever else its own schema
+declares, such as ``description``); it passes everything else to
 :meth:`EntityType.from_options` of the class registered under that type name in
-:data:`ENTITY_TYPES` (or calls :func:`build_entity`).
+:data:`ENTITY_TYPES` (or calls :func:`build_entity`). Errors in those options
+raise :class:`EntityOptionError`, a ``ValueError`` naming the option.
 
 Every entity type offers:
 
@@ -63,7 +65,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, ClassVar, Literal, TypeAlias
+from typing import Any, ClassVar, Literal, Self, TypeAlias
 
 from pydantic import (
     BaseModel,
@@ -269,7 +271,7 @@ class EntityType(abc.ABC):
         self.options = options
 
     @classmethod
-    def from_options(cls, name: str, options: Mapping[str, object]) -> EntityType:
+    def from_options(cls, name: str, options: Mapping[str, object]) -> Self:
         """Build the entity ``name`` from its type-specific options (as read from YAML).
 
         Raises :class:`EntityOptionError` (a ``ValueError``) naming the option

@@ -42,7 +42,7 @@ SAY_BUILTINS = frozenset({"policy", "language", "flow", "state", "entities", "re
 #: The context the engine renders a state's prompt file with.
 PROMPT_VARIABLES = frozenset({
     "flow", "state", "language", "entities", "pinned", "missing", "triggers", "policy",
-    "results", "summary", "memory_note", "handback",
+    "results", "summary", "memory_note", "handback", "cache_break",
 })
 
 

@@ -159,7 +159,8 @@ def load_located(path: Path) -> tuple[Located | None, list[Problem]]:
         what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
         return None, [Problem(name, line, col, f"invalid YAML: {what}", hint)]
     except Exception as exc:  # ruamel raises several non-marked errors (e.g. duplicate keys)
-        return None, [Problem(name, None, None, f"invalid YAML: {exc}")]
+        return None, [Problem(name, None, None, f"invalid YAML: {exc}",
+                              "check the file's YAML syntax")]
     if not isinstance(doc, CommentedMap):
         return None, [Problem(name, 1, 1, "a flow file must be a mapping at the top level",
                               "start the file with `flow: <name>`")]

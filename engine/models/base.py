@@ -34,6 +34,10 @@ __all__ = [
 class HistoryItem:
     role: Literal["customer", "bot", "agent", "system"]
     text: str
+    #: For a bot turn decided by a remote model: the model's tool call and the
+    #: engine's verdict on it ``{"id", "input", "result"}``, replayed as a
+    #: ``tool_use``/``tool_result`` pair so the model learns what was accepted.
+    tool: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +57,8 @@ class DecisionRequest:
     #: A note the engine wants the model to read (e.g. a memory correction, a hand-back).
     memory_note: str = ""
     handback: str = ""
+    #: Ask the model to echo the pinned entities this turn (memory check).
+    check_memory: bool = False
     turn: int = 0
     conversation_id: str = ""
     #: The unredacted text, for in-process models only (never sent over the network).
@@ -74,6 +80,11 @@ class Decision:
     #: Where entity values came from: ``customer`` (read literally) or ``model``.
     source: str = "model"
     model: str = ""
+    #: Small talk or a digression: not a failed attempt at what the state asks.
+    off_topic: bool = False
+    #: The remote model's tool call (id and input), kept for the transcript.
+    tool_use_id: str | None = None
+    raw: Mapping[str, Any] | None = None
 
 
 class DecisionPayload(BaseModel):
@@ -88,6 +99,7 @@ class DecisionPayload(BaseModel):
     wants_human: bool = False
     language: Literal["en", "zh", "mixed"] | None = None
     pinned: dict[str, str | int | float | bool | None] | None = None
+    off_topic: bool = False
 
 
 @dataclass(frozen=True, slots=True)

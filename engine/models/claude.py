@@ -28,6 +28,12 @@ from pydantic import ValidationError
 
 from engine.errors import ConfigError, ModelError, ModelOutputError, ModelUnavailableError
 from engine.flow.compiled import Flow
+from engine.memory import (
+    budget_tokens,
+    estimate_request_tokens,
+    strip_orphaned_tool_results,
+    trim_messages,
+)
 from engine.models.base import (
     Decision,
     DecisionPayload,
@@ -51,6 +57,8 @@ ALIASES: Mapping[str, str] = {
 }
 
 DECISION_TOOL = "record_decision"
+#: Marks where the cached stable prompt ends (see ClaudeModel.system_blocks).
+_CACHE_BREAK = "\u241e-- helpline cache break --\u241e"
 ROUTE_TOOL = "choose_flow"
 
 
@@ -141,6 +149,8 @@ class ClaudeModel(Model):
         )
         self.recorder = recorder or UsageRecorder()
         self.usage = _Usage()
+        #: Estimated input tokens of the last decision request (after trimming).
+        self.last_request_tokens = 0
 
     async def close(self) -> None:
         await self.client.close()
@@ -250,6 +260,9 @@ class ClaudeModel(Model):
                                                     "(1 angry .. 5 happy)."},
                     "wants_human": {"type": "boolean",
                                     "description": "True if the customer asks for a human."},
+                    "off_topic": {"type": "boolean",
+                                  "description": "True if the message is small talk or a "
+                                                 "digression rather than an answer."},
                     "language": {"type": "string", "enum": ["en", "zh", "mixed"]},
                     "pinned": {"type": "object", "properties": pinned_props,
                                "description": "The current values of these facts as you "
@@ -283,36 +296,101 @@ class ClaudeModel(Model):
     def messages(history: Sequence[HistoryItem], text: str) -> list[dict[str, Any]]:
         """Alternating user/assistant messages ending with the customer's message.
 
-        The Messages API requires alternation starting with ``user``; the bot
-        often speaks twice in a row (disclosure + greeting), so runs merge.
+        A bot turn the model decided is replayed as its ``tool_use`` and, in
+        the next user message, a ``tool_result`` carrying the engine's verdict
+        (what was accepted, what the customer was shown). The Messages API
+        requires alternation starting with ``user``, so runs of one role merge.
         """
         out: list[dict[str, Any]] = []
+        pending: dict[str, Any] | None = None
+
+        def add(role: str, blocks: list[dict[str, Any]]) -> None:
+            if out and out[-1]["role"] == role:
+                out[-1]["content"].extend(blocks)
+            else:
+                out.append({"role": role, "content": blocks})
+
         for item in [*history, HistoryItem("customer", text)]:
             if item.role == "system":
                 continue
-            role = "user" if item.role == "customer" else "assistant"
-            body = item.text if item.role != "agent" else f"[human agent] {item.text}"
-            if not out and role == "assistant":
+            if item.role == "customer":
+                blocks: list[dict[str, Any]] = []
+                if pending is not None:
+                    blocks.append(pending)
+                    pending = None
+                blocks.append({"type": "text", "text": item.text or "(empty message)"})
+                add("user", blocks)
                 continue
-            if out and out[-1]["role"] == role:
-                out[-1]["content"] += "\n" + body
+            if not out:
+                continue  # the transcript must start with the customer
+            if pending is not None:
+                # Two bot turns in a row (e.g. a hand-back): close the open call.
+                add("user", [pending])
+                pending = None
+            if item.tool is not None and item.tool.get("id"):
+                add("assistant", [{"type": "tool_use", "id": item.tool["id"],
+                                   "name": DECISION_TOOL, "input": dict(item.tool["input"])}])
+                pending = {"type": "tool_result", "tool_use_id": item.tool["id"],
+                           "content": str(item.tool.get("result") or "ok")}
             else:
-                out.append({"role": role, "content": body})
-        return out
+                body = item.text if item.role != "agent" else f"[human agent] {item.text}"
+                add("assistant", [{"type": "text", "text": body}])
+        return strip_orphaned_tool_results(out)
+
+    def fit(self, flow: Flow, system: list[dict[str, Any]], messages: list[dict[str, Any]],
+            tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Trim the oldest exchanges until the request fits the flow's token budget."""
+        spec = flow.spec.summary
+        budget = budget_tokens(spec.max_context_tokens, spec.safety_margin)
+        fixed = estimate_request_tokens(system, [], tools)
+
+        def fits(candidate: list[dict[str, Any]]) -> bool:
+            return fixed + estimate_request_tokens([], candidate) <= budget
+
+        trimmed = trim_messages(messages, fits)
+        self.last_request_tokens = fixed + estimate_request_tokens([], trimmed)
+        return trimmed
+
+    def system_blocks(self, request: DecisionRequest) -> list[dict[str, Any]]:
+        """The system prompt as a cached stable block and an uncached dynamic block.
+
+        Prompt templates put ``{{ cache_break }}`` between the stable part
+        (rules, flow, state, policies: identical across turns and customers)
+        and the dynamic part (summary, pinned facts, notes); only the stable
+        prefix carries ``cache_control``.
+        """
+        context = self.prompt_context(request)
+        context["cache_break"] = _CACHE_BREAK
+        text = request.flow.render_prompt(request.state, context)
+        stable, _, dynamic = text.partition(_CACHE_BREAK)
+        blocks = [{"type": "text", "text": stable.strip() or "-",
+                   "cache_control": {"type": "ephemeral"}}]
+        if dynamic.strip():
+            blocks.append({"type": "text", "text": dynamic.strip()})
+        return blocks
 
     async def decide(self, request: DecisionRequest) -> Decision:
         flow = request.flow
-        system = flow.render_prompt(request.state, self.prompt_context(request))
+        system = self.system_blocks(request)
         tool = self.decision_tool(flow, request.state)
+        if request.check_memory:
+            tool["input_schema"]["required"] = [*tool["input_schema"]["required"], "pinned"]
         tool["cache_control"] = {"type": "ephemeral"}
+        messages = self.fit(flow, system, self.messages(request.history, request.text), [tool])
+        if len(messages) >= 3:
+            # A second breakpoint caches the conversation prefix across turns.
+            last = messages[-2]["content"][-1]
+            messages[-2]["content"][-1] = {**last, "cache_control": {"type": "ephemeral"}}
         message = await self._create(
             "decision",
             max_tokens=self.max_tokens,
-            system=[{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
-            messages=self.messages(request.history, request.text),
+            system=system,
+            messages=messages,
             tools=[tool],
             tool_choice={"type": "tool", "name": DECISION_TOOL},
         )
+        tool_use = next((b for b in message.content
+                         if b.type == "tool_use" and b.name == DECISION_TOOL), None)
         raw = self._tool_input(message, DECISION_TOOL)
         try:
             # Strict: the tool schema asks for JSON integers and booleans, and lax
@@ -333,6 +411,9 @@ class ClaudeModel(Model):
             pinned_echo=payload.pinned,
             source="model",
             model=self.models.resolve("decision"),
+            off_topic=payload.off_topic,
+            tool_use_id=tool_use.id if tool_use is not None else None,
+            raw=dict(raw),
         )
 
     async def route(self, request: RouteRequest) -> RouteDecision:

@@ -274,6 +274,18 @@ def similarity(message: str, example: str) -> float:
     return Similarity.score(_features(normalize(message)), _features(normalize(example)), {})
 
 
+_SMALL_TALK = re.compile(
+    r"[?？]|\b(?:hello|hi|hey|thanks|thank you|haha|lol|ok cool|how are you|by the way|btw|"
+    r"weather|weekend|joke|bored|what's up|good (?:morning|afternoon|evening))\b|"
+    r"你好|在吗|哈哈|谢谢|顺便|天气|周末|无聊|早上好|晚上好|请问一下"
+)
+
+
+def is_small_talk(norm: str) -> bool:
+    """Questions and chit-chat: not an answer to what the bot asked."""
+    return bool(_SMALL_TALK.search(norm))
+
+
 class OfflineModel(Model):
     """Deterministic model; see the module docstring."""
 
@@ -298,14 +310,23 @@ class OfflineModel(Model):
         asking = request.missing[0] if request.missing else None
         entities = self.extract(flow, text, state.collect, asking)
         transition = self.intent(norm, [(t.name, t.examples) for t in state.intents])
+        wants_human = asks_for_human(norm)
+        off_topic = not entities and transition is None and not wants_human and \
+            is_small_talk(norm)
+        # The offline model has no view of its own to drift: it echoes the
+        # store, so the engine's memory check is a deterministic no-op here.
+        echo = {n: request.entities.get(n) for n in flow.pinned} if request.check_memory \
+            else None
         return Decision(
             reply=None,
             entities=entities,
             transition=transition,
             satisfaction=estimate_satisfaction(norm),
-            wants_human=asks_for_human(norm),
+            wants_human=wants_human,
             source="customer",
             model=self.name,
+            off_topic=off_topic,
+            pinned_echo=echo,
         )
 
     def extract(self, flow: Flow, text: str, collecting: Sequence[str],

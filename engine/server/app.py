@@ -38,8 +38,8 @@ logger = logging.getLogger(__name__)
 
 async def build_server(settings: Settings, *, model: str | None = None,
                        app: App | None = None) -> tuple[ServerContext, list[ChannelPlugin]]:
-    application = app or await build_app(settings, model=model)
-    metrics = Metrics()
+    metrics = app.engine.metrics if app is not None and app.engine.metrics else Metrics()
+    application = app or await build_app(settings, model=model, metrics=metrics)
     metrics.register_flows([f.name for f in application.engine.flows])
     desk = HandoffDesk(application.engine, queue_timeout=settings.handoff_queue_timeout)
     context = ServerContext(settings=settings, app=application, desk=desk, metrics=metrics)
