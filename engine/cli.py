@@ -8,7 +8,7 @@ import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -42,7 +42,7 @@ def _print_problems(problems: list[Problem]) -> None:
 @app.command()
 def validate(
     paths: FlowsArg = None,  # type: ignore[assignment]
-    prompts: Annotated[Optional[Path], typer.Option(help="Prompt templates directory.")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompt templates directory.")] = None,
     strict: Annotated[bool, typer.Option(help="Treat warnings as errors.")] = False,
 ) -> None:
     """Check flow files: schema, graph, guards, templates and actions. Exits 1 on errors."""
@@ -61,7 +61,7 @@ def validate(
 
 @app.command()
 def schema(
-    output: Annotated[Optional[Path], typer.Option("--output", "-o",
+    output: Annotated[Path | None, typer.Option("--output", "-o",
                                                    help="Write here instead of stdout.")] = None,
 ) -> None:
     """Write the JSON Schema of flow files (for editor completion)."""
@@ -78,7 +78,7 @@ def schema(
 @app.command()
 def graph(
     flow_file: Annotated[Path, typer.Argument(help="The flow file.")],
-    prompts: Annotated[Optional[Path], typer.Option(help="Prompt templates directory.")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompt templates directory.")] = None,
 ) -> None:
     """Print a Mermaid diagram of a flow's state machine."""
     from engine.flow.loader import validate_paths
@@ -95,11 +95,11 @@ def graph(
 
 @app.command()
 def chat(
-    flow: Annotated[Optional[str], typer.Option(help="Only this flow (skips routing).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="offline or claude.")] = None,
+    flow: Annotated[str | None, typer.Option(help="Only this flow (skips routing).")] = None,
+    model: Annotated[str | None, typer.Option(help="offline or claude.")] = None,
     show_state: Annotated[bool, typer.Option("--show-state",
                                              help="Show state and entities each turn.")] = False,
-    config: Annotated[Optional[Path], typer.Option(help="Config file (YAML).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Config file (YAML).")] = None,
 ) -> None:
     """Chat with the demo flows in the terminal. /state, /rate N, /new, /quit."""
     if model not in (None, "offline", "claude"):
@@ -195,10 +195,10 @@ async def _show_state(store: object, key: object) -> None:
 
 @app.command()
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="Bind address.")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="offline or claude.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="Config file (YAML).")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port.")] = None,
+    model: Annotated[str | None, typer.Option(help="offline or claude.")] = None,
+    config: Annotated[Path | None, typer.Option(help="Config file (YAML).")] = None,
 ) -> None:
     """Start the server: web chat, agent console, channel webhooks, /metrics."""
     import uvicorn

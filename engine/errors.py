@@ -192,7 +192,8 @@ class DuplicateMessageError(StoreError):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        return f"message {self.channel_message_id!r} on channel {self.channel!r} was already stored"
+        return (f"message {self.channel_message_id!r} on channel {self.channel!r} "
+                "was already stored")
 
 
 class VersionConflictError(StoreError):

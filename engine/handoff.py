@@ -96,12 +96,13 @@ _TEXTS = {
     "handback": {"en": "Thanks for your patience! I'm the AI assistant again; "
                        "let me know if there's anything else.",
                  "zh": "感谢您的耐心等待！现在由 AI 助手继续为您服务，还有什么可以帮您？"},
-    "timeout": {"en": "I'm sorry, all our colleagues are busy right now. I've created callback "
-                      "ticket {ticket}: a colleague will contact you within one working day. "
-                      "In the meantime I'm happy to keep helping.",
-                "zh": "非常抱歉，目前客服同事都在忙。已为您创建回电工单 {ticket}，客服会在一个工作日内"
-                      "联系您。在此期间我可以继续为您服务。"},
-    "resolved": {"en": "Your conversation has been marked as resolved. Thank you for contacting us!",
+    "timeout": {"en": "I'm sorry, all our colleagues are busy right now. I've created "
+                      "callback ticket {ticket}: a colleague will contact you within one "
+                      "working day. In the meantime I'm happy to keep helping.",
+                "zh": "非常抱歉，目前客服同事都在忙。已为您创建回电工单 {ticket}，"
+                      "客服会在一个工作日内联系您。在此期间我可以继续为您服务。"},
+    "resolved": {"en": "Your conversation has been marked as resolved. "
+                       "Thank you for contacting us!",
                  "zh": "本次会话已处理完毕，感谢您的联系！"},
 }
 
@@ -295,7 +296,8 @@ class HandoffDesk:
 
                 def add(direction: str, rkind: str, rauthor: str, text: str,
                         rdata: dict[str, Any] | None = None, conv: ConversationState = conv,
-                        now: datetime = now) -> int:
+                        now: datetime = now,
+                        records: list[MessageRecord] = records) -> int:
                     conv.seq += 1
                     records.append(MessageRecord(
                         conversation_id=conv.id, seq=conv.seq, direction=direction,  # type: ignore[arg-type]

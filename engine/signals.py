@@ -20,10 +20,14 @@ _HUMAN_EN = re.compile(
     r"speak\s+(?:to|with)\s+(?:a\s+|someone|somebody)|talk\s+to\s+(?:a\s+)?(?:person|someone|"
     r"somebody)|someone\s+real|staff\s+member|a\s+manager)\b"
 )
-_HUMAN_ZH = re.compile(r"转人工|人工客服|人工服务|找人工|要人工|真人|客服人员|人工|接线员|找经理|投诉经理")
+_HUMAN_ZH = re.compile(
+    r"转人工|人工客服|人工服务|找人工|要人工|真人|客服人员|人工|接线员|找经理|投诉经理"
+)
 # "I am not a robot / this is not about agents" style negations are rare in
 # support chats; the one that matters is "no need for a human".
-_HUMAN_NEG = re.compile(r"(?:no|don't|do not)\s+need\s+(?:a\s+)?(?:human|agent)|不用人工|不需要人工")
+_HUMAN_NEG = re.compile(
+    r"(?:no|don't|do not)\s+need\s+(?:a\s+)?(?:human|agent)|不用人工|不需要人工"
+)
 
 
 def asks_for_human(normalised: str) -> bool:

@@ -30,10 +30,6 @@ from datetime import datetime
 from typing import Any
 
 from engine.actions import ActionContext, ActionResult
-from engine.errors import EntityValueError, GuardEvaluationError, PolicyViolation
-from engine.flow.compiled import Entity, Flow, FlowSet, State
-from engine.flow.schema import DONE, ERROR
-from engine.i18n import pick, reply_language
 from engine.core.types import (
     ActionNeed,
     ActionOutcome,
@@ -46,6 +42,10 @@ from engine.core.types import (
     RouteNeed,
     TurnOutcome,
 )
+from engine.errors import EntityValueError, GuardEvaluationError, PolicyViolation
+from engine.flow.compiled import Entity, Flow, FlowSet, State
+from engine.flow.schema import DONE, ERROR
+from engine.i18n import pick, reply_language
 from engine.models.base import (
     Decision,
     DecisionRequest,
@@ -677,7 +677,8 @@ class TurnCore:
             target = flow.handoff.state
             if not entered:
                 self.event("state", source=conv.state, target=target)
-            conv.state = conv.state if entered else target
+            if not entered or conv.state is None:
+                conv.state = target
             state = flow.states[conv.state]
             if state.say is not None:
                 rendered = flow.say(state.say, conv.language, self.template_context(state))

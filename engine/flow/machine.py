@@ -80,7 +80,9 @@ class FlowMachine:
     @staticmethod
     def _recorder(t: MachineTransition) -> Any:
         def record(event: EventData) -> None:
-            event.model.fired = t
+            cursor = event.model
+            assert isinstance(cursor, _Cursor)
+            cursor.fired = t
 
         return record
 
@@ -94,7 +96,9 @@ class FlowMachine:
         cursor = self._cursor
         cursor.fired = None
         self._machine.set_state(state, model=cursor)
-        if cursor.trigger(trigger, scope=scope):
+        # ``trigger`` is added to the model by transitions at add_model time.
+        fire: Any = getattr(cursor, "trigger")  # noqa: B009
+        if fire(trigger, scope=scope):
             return cursor.fired
         return None
 

@@ -179,7 +179,8 @@ class FlowSpec(_Strict):
     flow: Identifier
     version: str = "1"
     description: str = ""
-    languages: list[Literal["en", "zh"]] = Field(default_factory=lambda: ["en", "zh"])
+    languages: list[Literal["en", "zh"]] = Field(
+        default_factory=lambda: list[Literal["en", "zh"]](["en", "zh"]))
     start: Identifier
     prompt: str = "default.j2"
     disclosure: LocalText | None = None

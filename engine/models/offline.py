@@ -39,9 +39,9 @@ _WORD = re.compile(r"[a-z][a-z']*")
 _CJK_RUN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]+")
 _STOP = frozenset("""
 a an the i me my mine we our you your it its is are was were be been am do does did
-to of in on at for with from and or but so if this that these those there here
-can could would will shall should may might must please pls just hi hello hey
-want wanna like need get got have has had 's s thing some any about
+to of in on at for with from and or but so if this that these those there here can
+could would will shall should may might must please pls just hi hello hey want wanna
+like need get got have has had 's s thing some any about
 """.split())
 _NEGATORS = frozenset({"no", "not", "never", "don't", "dont", "doesn't", "didn't", "isn't",
                        "nope", "nah", "wasn't", "won't", "cannot", "can't"})

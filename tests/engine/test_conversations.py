@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
-from itertools import count
+from itertools import count, pairwise
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ from engine.models.offline import OfflineModel
 from engine.runner import Engine, TurnResult
 from engine.store.base import ConversationKey, ConversationState, MessageRecord
 from engine.store.memory import MemoryStore
-from tests.fakes.claude_api import FakeClaude, RawReply
+from tests.fakes.claude_api import FakeClaude, MessageReply, RawReply
 
 ROOT = Path(__file__).resolve().parents[2]
 CUSTOMER = "demo:test"
@@ -286,7 +286,7 @@ async def test_correction_after_lookup_rewinds_and_looks_up_again(harness: Harne
     assert [c.value for c in history] == [ORDER_OTHER, ORDER_SMALL]
 
 
-# --- offline model: logistics ---------------------------------------------------------------------
+# --- offline model: logistics -------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -319,8 +319,8 @@ async def test_tracking_a_parcel_in_transit(harness: Harness, turns: list[str],
     [
         pytest.param([f"my parcel {ORDER_LOST} hasn't had a tracking update in almost two "
                       "weeks, is it lost??", "yes please, open a claim"], id="en"),
-        pytest.param([f"你好，我的包裹{ORDER_LOST}好多天都没动静了，是不是丢了", "好的 麻烦帮我申请"],
-                     id="zh"),
+        pytest.param([f"你好，我的包裹{ORDER_LOST}好多天都没动静了，是不是丢了",
+                      "好的 麻烦帮我申请"], id="zh"),
     ],
 )
 async def test_lost_parcel_claim(harness: Harness, turns: list[str]) -> None:
@@ -368,28 +368,28 @@ async def test_address_change_after_shipping_is_refused(harness: Harness) -> Non
     assert after is not None and after.shipping_address == before.shipping_address
 
 
-# --- offline model: handoffs ------------------------------------------------------------------------
+# --- offline model: handoffs --------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "text",
-    ["转人工", "I want to talk to a real person", "can i pls speak to a human? this is going nowhere",
-     "帮我转人工客服，谢谢"],
-)
-async def test_explicit_request_for_a_human(harness: Harness, text: str) -> None:
-    chat = harness.chat()
-    result = await chat.say(text)
+HUMAN_REQUESTS = ["转人工", "I want to talk to a real person",
+                  "can i pls speak to a human? this is going nowhere", "帮我转人工客服，谢谢"]
 
-    conv = await chat.conv()
-    assert conv.owner == "pending_human"
-    assert conv.handoff_reason == "request"
-    assert result.outcome is not None and result.outcome.handoff is not None
-    assert result.outcome.handoff.reason == "request"
-    assert [o.kind for o in answers(result)] == ["handoff"]
-    # From now on the bot is muted: a human owns the conversation.
-    follow_up = await chat.say("hello? anyone there")
-    assert follow_up.outbound == []
-    assert follow_up.outcome is not None and follow_up.outcome.muted
+
+async def test_explicit_request_for_a_human(harness: Harness) -> None:
+    # One shop for every phrasing (nothing here writes to it); one conversation each.
+    for text in HUMAN_REQUESTS:
+        chat = harness.chat()
+        result = await chat.say(text)
+
+        conv = await chat.conv()
+        assert (conv.owner, conv.handoff_reason) == ("pending_human", "request"), text
+        assert result.outcome is not None and result.outcome.handoff is not None
+        assert result.outcome.handoff.reason == "request"
+        assert [o.kind for o in answers(result)] == ["handoff"], text
+        # From now on the bot is muted: a human owns the conversation.
+        follow_up = await chat.say("hello? anyone there")
+        assert follow_up.outbound == []
+        assert follow_up.outcome is not None and follow_up.outcome.muted
 
 
 async def test_request_for_a_human_mid_flow_keeps_what_was_collected(harness: Harness) -> None:
@@ -430,7 +430,7 @@ async def test_good_rating_is_thanked(harness: Harness) -> None:
     assert replies(result) == ["Thank you for your feedback!"]
 
 
-# --- Claude, scripted: the engine decides ------------------------------------------------------------
+# --- Claude, scripted: the engine decides -------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -501,7 +501,7 @@ async def test_refund_journey_with_claude(
     last = requests[-1].messages
     roles = [m["role"] for m in last]
     assert roles[0] == roles[-1] == "user"
-    assert all(a != b for a, b in zip(roles, roles[1:], strict=False))
+    assert all(a != b for a, b in pairwise(roles))
     assert text_of(last[0]["content"]) == turns["first"]
     assert text_of(last[-1]["content"]).endswith(turns["yes"])
     # The model's earlier reply is part of the transcript it sees (as text or as its tool call).
@@ -585,50 +585,58 @@ async def test_refund_above_the_cap_without_the_flow_guard(
     assert "9.90" not in chat.last
 
 
-@pytest.mark.parametrize("trigger", ["confirm", "refund", "done", "error", "claim",
-                                     "issue_refund"])
+#: Triggers `ask_reason` does not declare: another state's intent, a state name,
+#: the engine's own triggers, another flow's intent, an action name.
+UNDECLARED = ["confirm", "refund", "done", "error", "claim", "issue_refund"]
+
+
 async def test_undeclared_transition_is_rejected(
-    harness: Harness, fake: FakeClaude, claude: ClaudeModel, trigger: str
+    harness: Harness, fake: FakeClaude, claude: ClaudeModel
 ) -> None:
-    chat = harness.chat(claude, fallback=OfflineModel())
-    fake.enqueue_tool_use(ROUTE, route_to("refund"))
-    fake.enqueue_tool_use(DECISION, decision(entities={"order_id": ORDER_SMALL}))
-    await chat.say(f"refund for {ORDER_SMALL} please")
-    before = await chat.conv()
-    assert before.state == "ask_reason"
+    for trigger in UNDECLARED:
+        chat = harness.chat(claude, fallback=OfflineModel())
+        fake.enqueue_tool_use(ROUTE, route_to("refund"))
+        fake.enqueue_tool_use(DECISION, decision(entities={"order_id": ORDER_SMALL}))
+        await chat.say(f"refund for {ORDER_SMALL} please")
+        assert (await chat.conv()).state == "ask_reason"
 
-    fake.enqueue_tool_use(DECISION, decision(transition=trigger))
-    result = await chat.say("just do it, refund me")
+        fake.enqueue_tool_use(DECISION, decision(transition=trigger))
+        result = await chat.say("just do it, refund me")
 
-    after = await chat.conv()
-    assert after.state == "ask_reason"
-    assert after.owner == "bot"
-    rejected = await chat.events("transition_rejected")
-    assert [(e.data["trigger"], e.data["state"]) for e in rejected] == [(trigger, "ask_reason")]
-    assert result.outcome is not None and "state" not in result.outcome.events
-    assert "what went wrong with the order" in chat.last  # asked again for the reason
-    assert await harness.shop.refunds_for_order(ORDER_SMALL) == []
+        after = await chat.conv()
+        assert (after.state, after.owner) == ("ask_reason", "bot"), trigger
+        rejected = await chat.events("transition_rejected")
+        assert [(e.data["trigger"], e.data["state"]) for e in rejected] == [
+            (trigger, "ask_reason")]
+        assert result.outcome is not None and "state" not in result.outcome.events
+        assert "what went wrong with the order" in chat.last  # asked again for the reason
+        assert await harness.shop.refunds_for_order(ORDER_SMALL) == []
+    assert fake.queued == 0
 
 
-@pytest.mark.parametrize("value", ["12345", 12345, "HL2611084", True, f"{ORDER_SMALL}0"])
+INVALID_ORDER_IDS: list[Any] = ["12345", 12345, "HL2611084", True, f"{ORDER_SMALL}0"]
+
+
 async def test_invalid_entity_value_is_rejected(
-    harness: Harness, fake: FakeClaude, claude: ClaudeModel, value: Any
+    harness: Harness, fake: FakeClaude, claude: ClaudeModel
 ) -> None:
-    chat = harness.chat(claude, fallback=OfflineModel())
-    fake.enqueue_tool_use(ROUTE, route_to("refund"))
-    fake.enqueue_tool_use(DECISION, decision())
-    await chat.say("hello, I want my money back")
-    assert (await chat.conv()).state == "ask_order"
+    for value in INVALID_ORDER_IDS:
+        chat = harness.chat(claude, fallback=OfflineModel())
+        fake.enqueue_tool_use(ROUTE, route_to("refund"))
+        fake.enqueue_tool_use(DECISION, decision())
+        await chat.say("hello, I want my money back")
+        assert (await chat.conv()).state == "ask_order"
 
-    fake.enqueue_tool_use(DECISION, decision(entities={"order_id": value}))
-    await chat.say("12345")
+        fake.enqueue_tool_use(DECISION, decision(entities={"order_id": value}))
+        await chat.say("12345")
 
-    conv = await chat.conv()
-    assert conv.state == "ask_order"
-    assert "order_id" not in conv.entities
-    assert [e.data["entity"] for e in await chat.events("entity_rejected")] == ["order_id"]
-    assert await chat.store.entity_history(conv.id, "order_id") == []
-    assert "need the order number" in chat.last  # the first reprompt
+        conv = await chat.conv()
+        assert conv.state == "ask_order", value
+        assert "order_id" not in conv.entities, value
+        assert [e.data["entity"] for e in await chat.events("entity_rejected")] == ["order_id"]
+        assert await chat.store.entity_history(conv.id, "order_id") == []
+        assert "need the order number" in chat.last  # the first reprompt
+    assert fake.queued == 0
 
 
 async def test_unavailable_claude_falls_back_to_offline(
@@ -661,41 +669,37 @@ async def test_unavailable_claude_falls_back_to_offline(
     assert all(r.status == 529 for r in fake.requests)
 
 
-@pytest.mark.parametrize(
-    "bad",
-    [
-        pytest.param({"tool": decision(satisfaction=9)}, id="satisfaction-9"),
-        pytest.param({"tool": decision(transition=7, reply=["x"])}, id="wrong-types"),
-        pytest.param({"tool": decision(entities={"order_id": {"id": ORDER_SMALL}})},
-                     id="entity-dict"),
-        pytest.param({"text": "Of course! Refund approved."}, id="no-tool-call"),
-        pytest.param({"raw": RawReply(200, "{oops", content_type="application/json")},
-                     id="broken-json"),
-        pytest.param({"raw": RawReply(200, {"not": "a message"})}, id="not-a-message"),
-    ],
-)
-async def test_malformed_claude_output_falls_back(
-    harness: Harness, fake: FakeClaude, claude: ClaudeModel, bad: dict[str, Any]
-) -> None:
-    chat = harness.chat(claude, fallback=OfflineModel())
-    fake.enqueue_tool_use(ROUTE, route_to("refund"))
-    if "tool" in bad:
-        fake.enqueue_tool_use(DECISION, bad["tool"])
-    elif "text" in bad:
-        fake.enqueue_text(bad["text"])
-    else:
-        fake.enqueue(bad["raw"])
-    text = f"I want a refund for {ORDER_SMALL}, the lamp came broken"
-    result = await chat.say(text)
+MALFORMED: dict[str, MessageReply | RawReply] = {
+    "satisfaction-9": MessageReply.tool_use(DECISION, decision(satisfaction=9)),
+    "wrong-types": MessageReply.tool_use(DECISION, decision(transition=7, reply=["x"])),
+    "entity-dict": MessageReply.tool_use(
+        DECISION, decision(entities={"order_id": {"id": ORDER_SMALL}})),
+    "no-tool-call": MessageReply.text("Of course! Refund approved."),
+    "broken-json": RawReply(200, "{oops", content_type="application/json"),
+    "not-a-message": RawReply(200, {"not": "a message"}),
+}
 
-    assert chat.engine.stats["fallbacks"] == 1
-    assert result.outcome is not None and result.outcome.model == "offline"
-    assert "To confirm: a refund of ¥129.00" in chat.last
-    assert "Refund approved" not in chat.last
-    records = await chat.records()
-    assert [r.text for r in records if r.direction == "in"] == [text]
-    assert [r.text for r in records if r.direction == "out"] == [o.text for o in result.outbound]
-    assert (await chat.conv()).state == "confirm"
+
+async def test_malformed_claude_output_falls_back(
+    harness: Harness, fake: FakeClaude, claude: ClaudeModel
+) -> None:
+    text = f"I want a refund for {ORDER_SMALL}, the lamp came broken"
+    for name, bad in MALFORMED.items():
+        chat = harness.chat(claude, fallback=OfflineModel())
+        fake.enqueue_tool_use(ROUTE, route_to("refund"))
+        fake.enqueue(bad)
+        result = await chat.say(text)
+
+        assert chat.engine.stats["fallbacks"] == 1, name
+        assert result.outcome is not None and result.outcome.model == "offline", name
+        assert "To confirm: a refund of ¥129.00" in chat.last, name
+        assert "Refund approved" not in chat.last
+        records = await chat.records()
+        assert [r.text for r in records if r.direction == "in"] == [text]
+        assert [r.text for r in records if r.direction == "out"] == [
+            o.text for o in result.outbound]
+        assert (await chat.conv()).state == "confirm"
+    assert fake.queued == 0
     assert await harness.shop.refunds_for_order(ORDER_SMALL) == []
 
 

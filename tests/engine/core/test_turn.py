@@ -73,10 +73,7 @@ def drive(flows: FlowSet, conv: ConversationState, text: str, *,
             if isinstance(need, RouteNeed):
                 answer = RouteDecision(route)
             elif isinstance(need, DecideNeed):
-                if callable(decide):
-                    answer = decide(need.request)
-                else:
-                    answer = decide or Decision()
+                answer = decide(need.request) if callable(decide) else decide or Decision()
             elif isinstance(need, ActionNeed):
                 value = actions.get(need.action.name, {})
                 if isinstance(value, Exception):
@@ -101,7 +98,8 @@ def test_first_turn_starts_with_the_ai_disclosure(flows: FlowSet) -> None:
     assert outcome.outbound[0].kind == "disclosure"
     assert "AI assistant" in outcome.outbound[0].text
     # Only once per conversation.
-    outcome2, _ = drive(flows, conv, "HL26110842", decide=Decision(entities={"order_id": "HL26110842"}),
+    outcome2, _ = drive(flows, conv, "HL26110842",
+                        decide=Decision(entities={"order_id": "HL26110842"}),
                         actions={"lookup_order": ORDER})
     assert all(o.kind != "disclosure" for o in outcome2.outbound)
 
@@ -347,7 +345,8 @@ def test_language_follows_the_customer_but_not_bare_numbers(flows: FlowSet) -> N
     conv = fresh()
     drive(flows, conv, "我要退款")
     assert conv.language == "zh"
-    outcome, _ = drive(flows, conv, "HL26110842", decide=Decision(entities={"order_id": "HL26110842"}),
+    outcome, _ = drive(flows, conv, "HL26110842",
+                       decide=Decision(entities={"order_id": "HL26110842"}),
                        actions={"lookup_order": ORDER})
     assert conv.language == "zh"
     assert "退款原因" in texts(outcome)[-1]

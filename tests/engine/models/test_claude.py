@@ -9,6 +9,7 @@ treats every kind of answer (valid, malformed, errors, timeouts).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from itertools import pairwise
 from typing import Any
 
 import anthropic
@@ -46,7 +47,7 @@ def text_of(content: Any) -> str:
 def assert_alternates(messages: list[dict[str, Any]]) -> None:
     roles = [m["role"] for m in messages]
     assert roles[0] == "user" and roles[-1] == "user", roles
-    assert all(a != b for a, b in zip(roles, roles[1:], strict=False)), roles
+    assert all(a != b for a, b in pairwise(roles)), roles
 
 
 def decision(**fields: Any) -> dict[str, Any]:
