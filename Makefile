@@ -18,7 +18,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/helpline chat
+	$(BIN)/helpline serve --config deploy/demo.yaml
 
 test: $(STAMP)
 	bash scripts/ensure-services.sh

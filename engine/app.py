@@ -47,6 +47,19 @@ def make_model(settings: Settings, kind: str | None = None) -> Model:
     )
 
 
+def model_stack(settings: Settings, primary: Model, fallback: Model,
+                metrics: Metrics | None) -> Model:
+    """The production model layer around a remote model (engine/llm/stack.py)."""
+    from engine.llm.stack import build_model_stack
+
+    redis = None
+    if settings.redis_url:
+        from redis.asyncio import Redis
+
+        redis = Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=2)
+    return build_model_stack(settings, primary, fallback, metrics, redis, owns_redis=True)
+
+
 def demo_actions(shop: Shop) -> ActionRegistry:
     return build_actions(shop)
 
@@ -69,6 +82,8 @@ async def build_app(settings: Settings, *, model: str | None = None,
     await store.open()
     primary = make_model(settings, model)
     fallback = OfflineModel() if primary.name != "offline" else None
+    if fallback is not None:
+        primary = model_stack(settings, primary, fallback, metrics)
     engine = Engine(flows, store, primary, actions, fallback=fallback, privacy=Privacy(),
                     metrics=metrics)
     return App(settings, engine, shop, store)

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from engine.config import ROOT, load_settings
@@ -36,7 +37,7 @@ def _default_actions() -> frozenset[str]:
 def _print_problems(problems: list[Problem]) -> None:
     for p in problems:
         style = "red" if p.severity == "error" else "yellow"
-        err.print(f"[{style}]{p}[/{style}]", highlight=False, soft_wrap=True)
+        err.print(f"[{style}]{escape(str(p))}[/{style}]", highlight=False, soft_wrap=True)
 
 
 @app.command()

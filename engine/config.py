@@ -58,6 +58,38 @@ class Settings(BaseSettings):
     #: Agent accounts: name -> argon2 password hash (``helpline hash-password``).
     agents: dict[str, str] = Field(default_factory=dict)
 
+    # -- model layer (engine/llm, docs/model-layer.md) --------------------------
+    #: Redis for the shared response cache and cross-process coalescing; None = in-process.
+    redis_url: str | None = None
+    #: Model calls in flight per process, in total and per model id.
+    model_concurrency: int = Field(default=16, ge=1, le=1024)
+    model_concurrency_per_model: int = Field(default=8, ge=1, le=1024)
+    #: Calls that may wait for a slot, and how long; beyond either: a "busy" reply.
+    model_queue_bound: int = Field(default=64, ge=0, le=100_000)
+    model_queue_timeout: float = Field(default=10.0, gt=0, le=600)
+    #: Seconds one model call may take in total (queue, attempts, backoff) before the fallback.
+    turn_budget_seconds: float = Field(default=45.0, gt=0, le=600)
+    #: Whole-call attempts on an unavailable model (on top of the SDK's retries).
+    model_attempts: int = Field(default=2, ge=1, le=10)
+    retry_wait_initial: float = Field(default=0.5, ge=0, le=60)
+    retry_wait_max: float = Field(default=4.0, ge=0, le=120)
+    #: Consecutive failures that open the circuit breaker, and seconds until a probe.
+    breaker_failures: int = Field(default=5, ge=1, le=1000)
+    breaker_reset_seconds: float = Field(default=30.0, gt=0, le=3600)
+    #: FAQ micro-batching window (0 turns batching off) and questions per batched call.
+    batch_window_ms: int = Field(default=100, ge=0, le=5000)
+    batch_max_questions: int = Field(default=8, ge=1, le=32)
+    #: Near-duplicate similarity: ``hashing`` (built in) or ``minilm`` (optional package).
+    embedder: Literal["hashing", "minilm"] = "hashing"
+    similarity_threshold: float | None = Field(default=None, gt=0, le=1)
+    #: Response cache: TTL per policy, entries of the in-process cache, route caching.
+    cache_ttl_faq: float = Field(default=86_400.0, ge=0)
+    cache_ttl_short: float = Field(default=300.0, ge=0)
+    cache_max_entries: int = Field(default=10_000, ge=1)
+    route_cache: Literal["never", "short", "faq"] = "faq"
+    #: Ask Claude to screen restricted content before each decision.
+    content_classifier: bool = False
+
     def resolved_model(self) -> str:
         if self.model == "auto":
             return "claude" if os.environ.get("ANTHROPIC_API_KEY") else "offline"

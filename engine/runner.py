@@ -14,6 +14,7 @@ and handoffs through :meth:`Engine.subscribe`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -39,6 +40,7 @@ from engine.errors import (
     VersionConflictError,
 )
 from engine.flow.compiled import FlowSet
+from engine.llm.errors import ModelBusyError, busy_notice, policy_reply
 from engine.metrics import Metrics
 from engine.models.base import (
     Decision,
@@ -49,11 +51,16 @@ from engine.models.base import (
     SummaryRequest,
 )
 from engine.models.offline import OfflineModel
+from engine.safety.redaction import ContentPolicyError
 from engine.store.base import ConversationState, MessageRecord, Store, TurnWrite
+from engine.textnorm import detect_language
 
 __all__ = ["Engine", "KeyedLocks", "PrivacyStep", "TurnResult"]
 
 logger = logging.getLogger(__name__)
+
+#: How many times this turn was already put off because the model layer was busy.
+_busy_attempt: contextvars.ContextVar[int] = contextvars.ContextVar("busy_attempt", default=0)
 
 
 def utcnow() -> datetime:
@@ -77,6 +84,8 @@ class TurnResult:
     outbound: list[Outbound] = field(default_factory=list)
     duplicate: bool = False
     outcome: TurnOutcome | None = None
+    #: The model layer was busy: a notice was sent and the turn will be retried.
+    busy: bool = False
 
 
 class KeyedLocks:
@@ -156,7 +165,11 @@ class Engine:
         self._summarising: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats: dict[str, int] = {"turns": 0, "duplicates": 0, "fallbacks": 0,
-                                      "conflicts": 0}
+                                      "conflicts": 0, "busy": 0}
+        #: A turn put off by a busy model layer is retried this many times, after
+        #: ``busy_retry_delay`` x attempt seconds; the last try answers with the fallback.
+        self.busy_retries = 3
+        self.busy_retry_delay = 1.0
 
     def subscribe(self, subscriber: Subscriber) -> None:
         """Call ``subscriber(event)`` after every committed turn or desk action."""
@@ -207,8 +220,41 @@ class Engine:
         await self._locks.acquire(lock_key)
         try:
             return await self._handle_locked(inbound, deliver)
+        except ModelBusyError:
+            if _busy_attempt.get() >= self.busy_retries:
+                raise  # only without a fallback model: nothing else can answer
+            return await self._put_off(inbound)
         finally:
             self._locks.release(lock_key)
+
+    async def _put_off(self, inbound: Inbound) -> TurnResult:
+        """The model layer is saturated: tell the customer, retry the turn later.
+
+        Nothing of the turn was stored, so nothing is lost; the retry goes
+        through :meth:`handle` again, whose dedupe by channel message id keeps a
+        redelivered message from being answered twice.
+        """
+        attempt = _busy_attempt.get()
+        self.stats["busy"] += 1
+        if self.metrics is not None:
+            self.metrics.count_turn(None, inbound.key.channel, "busy")
+        if attempt == 0:
+            await self.deliver([Outbound(conversation_id="", key=inbound.key, seq=0,
+                                         text=busy_notice(detect_language(inbound.text)),
+                                         kind="notice")])
+
+        async def retry() -> None:
+            await asyncio.sleep(self.busy_retry_delay * (attempt + 1))
+            _busy_attempt.set(attempt + 1)
+            try:
+                await self.handle(inbound)
+            except Exception:
+                logger.exception("turn put off while busy failed on retry")
+
+        task = asyncio.get_running_loop().create_task(retry())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return TurnResult("", busy=True)
 
     def _count(self, inbound: Inbound, outcome: TurnOutcome, started: float) -> None:
         metrics = self.metrics
@@ -289,8 +335,11 @@ class Engine:
                 after=conv.counters.get("summary_seq", 0)))
         try:
             decision = await self.model.decide(request)
+        except ContentPolicyError:
+            decision = Decision(reply=policy_reply(request.language), model="policy")
         except ModelError as exc:
-            if self.fallback is None:
+            if self.fallback is None or (isinstance(exc, ModelBusyError)
+                                         and _busy_attempt.get() < self.busy_retries):
                 raise
             self.stats["fallbacks"] += 1
             logger.warning("model %s failed (%s); using %s", self.model.name, exc,
@@ -306,8 +355,9 @@ class Engine:
     async def route(self, need: RouteNeed) -> RouteDecision:
         try:
             return await self.model.route(need.request)
-        except ModelError:
-            if self.fallback is None:
+        except ModelError as exc:
+            if self.fallback is None or (isinstance(exc, ModelBusyError)
+                                         and _busy_attempt.get() < self.busy_retries):
                 raise
             self.stats["fallbacks"] += 1
             return await self.fallback.route(need.request)

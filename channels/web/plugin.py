@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
@@ -344,11 +344,13 @@ class WebChannel:
     # -- the socket --------------------------------------------------------------
 
     async def socket_endpoint(self, ws: WebSocket) -> None:
-        if self.stopping:
-            await _deny(ws, 503, "restarting")
-            return
         if not self.origin_allowed(ws.headers.get("origin"), ws.headers.get("host")):
-            await _deny(ws, 403, "origin not allowed")
+            # Closing before the handshake completes answers HTTP 403.
+            await ws.close(CloseCode.POLICY_VIOLATION)
+            return
+        if self.stopping:
+            await ws.accept()
+            await ws.close(CloseCode.SERVICE_RESTART, "server restart")
             return
         task = asyncio.current_task()
         if task is not None:
@@ -511,10 +513,3 @@ class WebChannel:
                 return record.seq
         return None
 
-
-async def _deny(ws: WebSocket, status: int, text: str) -> None:
-    """Refuse the handshake with an HTTP status (a close before accept is a 403)."""
-    try:
-        await ws.send_denial_response(PlainTextResponse(text, status_code=status))
-    except RuntimeError:  # the server lacks the denial-response extension
-        await ws.close(CloseCode.POLICY_VIOLATION)

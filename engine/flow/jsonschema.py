@@ -19,6 +19,7 @@ def flow_json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "Helpline flow"
     defs = schema.setdefault("$defs", {})
+    _allow_shorthands(defs)
     entity = defs.get("EntitySpec")
     if entity is not None:
         variants = []
@@ -34,3 +35,20 @@ def flow_json_schema() -> dict[str, Any]:
         entity["allOf"] = variants
         entity["additionalProperties"] = True
     return schema
+
+
+def _allow_shorthands(defs: dict[str, Any]) -> None:
+    """Describe the short forms the loader expands (``done: state``, ``actions: [name]``)."""
+    state = defs.get("StateSpec", {}).get("properties", {})
+    transition = {"$ref": "#/$defs/TransitionSpec"}
+    target = {"type": "string", "description": "the target state"}
+    one = {"anyOf": [target, transition]}
+    on = state.get("on")
+    if on is not None:
+        for pattern in on.get("patternProperties", {}):
+            on["patternProperties"][pattern] = {"anyOf": [target, transition,
+                                                          {"type": "array", "items": one}]}
+    actions = state.get("actions")
+    if actions is not None:
+        actions["items"] = {"anyOf": [{"type": "string", "description": "an action name"},
+                                      {"$ref": "#/$defs/ActionCall"}]}

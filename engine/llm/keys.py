@@ -149,6 +149,8 @@ def _personal_use(ast: nodes.Template) -> str:
     if hit:
         return f"reads {sorted(hit)[0]}"
     for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
+        if not isinstance(node, nodes.Getattr | nodes.Getitem):
+            continue
         base = node.node
         if not isinstance(base, nodes.Name) or base.name not in _CUSTOMER_ROOTS:
             continue

@@ -122,8 +122,6 @@ def test_validate_missing_path() -> None:
     assert "cannot read file" in result.stderr
 
 
-@pytest.mark.xfail(reason="engine/cli.py prints problems as Rich markup: a `[...]` in a guard "
-                   "or template is swallowed or crashes; escape with rich.markup.escape")
 def test_validate_prints_brackets_literally(tmp_path: Path) -> None:
     text = (FLOWS / "refund.yaml").read_text(encoding="utf-8")
     text = text.replace("when: not order.found", "when: order.status in [/x] and and")
@@ -168,9 +166,6 @@ def test_schema_accepts_explicit_flows(schema: dict[str, Any], demo: dict[str, F
         assert problems == [], f"{flow.name}: {problems}"
 
 
-@pytest.mark.xfail(reason="engine/flow/jsonschema.py describes only the expanded forms: the "
-                   "shorthands the loader accepts (`done: state`, `done: {to: state}`, "
-                   "`actions: [name]`) are rejected, and the demo flows use `done: state`")
 @pytest.mark.parametrize("path", DEMO_FLOWS, ids=[p.stem for p in DEMO_FLOWS])
 def test_schema_validates_the_demo_flows(path: Path, schema: dict[str, Any]) -> None:
     data = json.loads(json.dumps(YAML(typ="safe").load(path.read_text(encoding="utf-8"))))
