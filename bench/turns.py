@@ -501,6 +501,8 @@ async def run_engine(engine: Engine, run: str, n: int,
                 # Outside the timed loop, and with the GC watch's numbers unaffected
                 # in practice (a few queries).
                 await after_round(turn)
+    if engine.stats.get("duplicates") or engine.stats.get("conflicts"):
+        raise SystemExit(f"{run}: unexpected duplicates/conflicts: {engine.stats}")
     return Timing(samples, loop_ns, cpu_ns, watch)
 
 
@@ -690,6 +692,60 @@ def _wrap_templates(flows: FlowSet, meter: _CpuMeter, clock: Callable[[], int]) 
                 meter.wrap_sync(template, "render", "jinja render (say/ask texts)", clock)
 
 
+def _capture_fires(machine: Any, fired: list[tuple[Any, Any, str, str, Any]]) -> None:
+    """Record (the unwrapped fire, machine, state, trigger, scope) of the first calls."""
+    inner = machine.fire
+
+    def capture(state: str, trigger: str, scope: Any) -> Any:
+        if len(fired) < 5000:
+            fired.append((inner, machine, state, trigger, scope))
+        return inner(state, trigger, scope)
+
+    machine.fire = capture
+
+
+def _fire_prototype(calls: list[tuple[Any, Any, str, str, Any]]) -> dict[str, Any]:
+    """The machine's fire against the proposed table lookup, on the run's real calls.
+
+    The table holds each (source, trigger)'s transitions in declared order and
+    takes the first whose guard holds: the semantics of transitions' trigger.
+    """
+    if not calls:
+        return {}
+    tables: dict[int, dict[tuple[str, str], tuple[Any, ...]]] = {}
+    for _, machine, *_ in calls:
+        if id(machine) not in tables:
+            table: dict[tuple[str, str], list[Any]] = {}
+            for t in machine.transitions:
+                table.setdefault((t.source, t.trigger), []).append(t)
+            tables[id(machine)] = {k: tuple(v) for k, v in table.items()}
+
+    def by_table(machine: Any, state: str, trigger: str, scope: Any) -> Any:
+        for t in tables[id(machine)][(state, trigger)]:
+            if t.guard is None or t.guard.evaluate(scope):
+                return t
+        return None
+
+    mismatches = 0
+    for fire, machine, state, trigger, scope in calls:
+        expected = fire(state, trigger, scope)
+        if by_table(machine, state, trigger, scope) is not expected:
+            mismatches += 1
+    timings = {}
+    for label, fn in (("transitions", None), ("table", by_table)):
+        best = float("inf")
+        for _ in range(3):
+            started = time.thread_time_ns()
+            for fire, machine, state, trigger, scope in calls:
+                if fn is None:
+                    fire(state, trigger, scope)
+                else:
+                    fn(machine, state, trigger, scope)
+            best = min(best, (time.thread_time_ns() - started) / len(calls) / 1000)
+        timings[label] = round(best, 2)
+    return {**timings, "calls_compared": len(calls), "different_results": mismatches}
+
+
 _REST = "everything else"
 _GC = "garbage collector (wall, inside the parts)"
 _OVERHEAD = "instrumentation overhead (estimated)"
@@ -718,7 +774,9 @@ async def breakdown(flows_dir: Path, prompts_dir: Path, script: Script, n: int,
     for name, label in (("seen", "store.seen"), ("load", "store.load"),
                         ("commit_turn", "store.commit_turn")):
         meter.wrap_async(store, name, label, cpu)
+    fired: list[tuple[Any, Any, str, str, Any]] = []
     for flow in flows:
+        _capture_fires(flow.machine, fired)
         meter.wrap_sync(flow.machine, "fire", "state machine fire (transitions)", cpu)
     _wrap_templates(flows, meter, cpu)
     # A few parts of the turn core, patched on the class/module for this run only
@@ -758,6 +816,8 @@ async def breakdown(flows_dir: Path, prompts_dir: Path, script: Script, n: int,
         _OVERHEAD: round(overhead, 1),
         _REST: round(total / turns / 1000 - accounted - overhead, 1),
     }
+
+    out["machine_fire_us_per_call"] = _fire_prototype(fired[:5000])
 
     # SQLite: wall time of each store call as the event loop awaits it.
     wall = time.perf_counter_ns
@@ -928,14 +988,17 @@ async def concurrency_level(flows: FlowSet, script: Script, actions: ActionRegis
         await asyncio.sleep(rng.random() * MODEL_DELAY_S)
         for turn in turns:
             started = clock()
-            await engine.handle(inbound(key, turn, f"{run}-{i}-{turn}"))
+            result = await engine.handle(inbound(key, turn, f"{run}-{i}-{turn}"))
             latencies.append(clock() - started)
+            if result.duplicate:
+                raise SystemExit(f"{run}: turn {turn} of conversation {i} was a duplicate")
 
     watcher = asyncio.create_task(watch_lag())
-    started = clock()
-    await asyncio.wait_for(asyncio.gather(*(customer(i, k) for i, k in enumerate(keys))),
-                           timeout=120)
-    elapsed = clock() - started
+    started, cpu_started = clock(), time.process_time()
+    with GcWatch() as watch:
+        await asyncio.wait_for(asyncio.gather(*(customer(i, k) for i, k in enumerate(keys))),
+                               timeout=120)
+    elapsed, cpu_used = clock() - started, time.process_time() - cpu_started
     stop.set()
     await watcher
     latencies.sort()
@@ -949,6 +1012,10 @@ async def concurrency_level(flows: FlowSet, script: Script, actions: ActionRegis
         "max_ms": round(latencies[-1] * 1000, 1),
         "turns_per_s": round(len(latencies) / elapsed),
         "loop_lag_p99_ms": round(percentile(lag, 0.99) * 1000, 1),
+        # How much of a CPU the process got, and what a turn cost it (asyncio included).
+        "cpu_share": round(cpu_used / elapsed, 2),
+        "cpu_us_per_turn": round(cpu_used / len(latencies) * 1e6, 1),
+        "gc_max_pause_ms": watch.summary(1)["gc_max_pause_ms"],
         "ok": p99 < CONCURRENCY_P99_MS,
     }
 
@@ -956,27 +1023,46 @@ async def concurrency_level(flows: FlowSet, script: Script, actions: ActionRegis
 async def concurrency_sweep(flows: FlowSet, script: Script, actions: ActionRegistry,
                             levels: list[int], make_store: Callable[[int], Awaitable[Store]],
                             label: str, deadline: float) -> dict[str, Any]:
-    """Raise the number of concurrent conversations until p99 reaches 250 ms."""
+    """Raise the number of concurrent conversations until p99 reaches 250 ms.
+
+    A level that misses is tried once more (a single full GC pause or a burst
+    of other work on a shared machine can spoil one attempt); the sweep stops
+    at the first level that misses twice.
+    """
     rows = []
     best = 0
     for n in levels:
         if time.perf_counter() > deadline:
             print(f"  {label}: time budget used up, stopping at {best}")
             break
-        store = await make_store(n)
-        try:
-            gc.collect()
-            row = await concurrency_level(flows, script, actions, store, n, (1, 2, 3))
-        finally:
-            await store.close()
-        rows.append(row)
-        print(f"  {label:<7} {n:>5} concurrent: p50 {row['p50_ms']:>6.1f} ms  "
-              f"p99 {row['p99_ms']:>7.1f} ms  {row['turns_per_s']:>6} turns/s  "
-              f"loop lag p99 {row['loop_lag_p99_ms']:.1f} ms", flush=True)
-        if not row["ok"]:
+        attempts = []
+        for attempt in range(2):
+            store = await make_store(n * 10 + attempt)  # a fresh store for every attempt
+            try:
+                gc.collect()
+                row = await concurrency_level(flows, script, actions, store, n, (1, 2, 3))
+            finally:
+                await store.close()
+            attempts.append(row)
+            print(f"  {label:<7} {n:>5} concurrent: p50 {row['p50_ms']:>6.1f} ms  "
+                  f"p99 {row['p99_ms']:>7.1f} ms  {row['turns_per_s']:>6} turns/s  "
+                  f"loop lag p99 {row['loop_lag_p99_ms']:>6.1f} ms  CPU share "
+                  f"{row['cpu_share']:.2f}, {row['cpu_us_per_turn']:.0f} us CPU/turn", flush=True)
+            if row["ok"]:
+                break
+        chosen = dict(min(attempts, key=lambda r: r["p99_ms"]))
+        chosen["attempts"] = len(attempts)
+        rows.append(chosen)
+        if not chosen["ok"]:
             break
         best = n
-    return {"store": label, "max_concurrent_p99_under_250ms": best, "levels": rows}
+    # The most a dedicated core could hold: every conversation asks for a turn per
+    # model delay, so the loop saturates at delay / CPU per turn (an upper bound:
+    # p99 grows well before full saturation).
+    cpu_per_turn = min((r["cpu_us_per_turn"] for r in rows), default=0.0)
+    ceiling = round(MODEL_DELAY_S * 1e6 / cpu_per_turn) if cpu_per_turn else 0
+    return {"store": label, "max_concurrent_p99_under_250ms": best,
+            "saturation_ceiling_one_free_core": ceiling, "levels": rows}
 
 
 # --------------------------------------------------------------------------- profile
@@ -1059,10 +1145,10 @@ def phase(name: str) -> Iterator[None]:
     print(f"  ({time.perf_counter() - started:.1f} s)", flush=True)
 
 
-VARIANTS = ("floor_memory", "engine_memory", "floor_sqlite", "engine_sqlite",
-            "engine_offline_memory")
-FLOOR_OF = {"engine_memory": "floor_memory", "engine_sqlite": "floor_sqlite",
-            "engine_offline_memory": "floor_memory"}
+VARIANTS = ("floor_memory", "engine_memory", "engine_memory_gc_frozen", "floor_sqlite",
+            "engine_sqlite", "engine_offline_memory")
+FLOOR_OF = {"engine_memory": "floor_memory", "engine_memory_gc_frozen": "floor_memory",
+            "engine_sqlite": "floor_sqlite", "engine_offline_memory": "floor_memory"}
 
 
 def _bytes_after_round(work: StoreWork, per_round: list[dict[str, Any]],
@@ -1123,6 +1209,17 @@ async def main_run(n: int, quick: bool, repeat: int) -> dict[str, Any]:
                 await check_conversations(store, "mem", n)
                 info["gc_tracked_objects_after_memory_run"] = len(gc.get_objects())
                 del store, engine
+            with phase("engine, scripted model, MemoryStore, gc.freeze() (proposed fix)"):
+                gc.collect()
+                gc.freeze()
+                try:
+                    store = MemoryStore()
+                    engine = make_engine(flows, store, ScriptedModel(script), actions)
+                    reps["engine_memory_gc_frozen"].append(
+                        (await run_engine(engine, "frz", n)).summary())
+                    del store, engine
+                finally:
+                    gc.unfreeze()
             with phase("floor, SQLite"):
                 floor_db = tmp / f"floor{rep}.db"
                 reps["floor_sqlite"].append(run_floor(script, n, floor_db).summary())
@@ -1166,21 +1263,22 @@ async def main_run(n: int, quick: bool, repeat: int) -> dict[str, Any]:
 
     with phase(f"peak memory, {n} conversations in a fresh process (memory store)"):
         memory = run_memory_child(n, script, with_tracemalloc=False)
-        memory.update({k: v for k, v in run_memory_child(n, script, True).items()
-                       if k.startswith("tracemalloc")})
+        if not quick:  # tracemalloc's own view needs a second child (its overhead skews RSS)
+            memory.update({k: v for k, v in run_memory_child(n, script, True).items()
+                           if k.startswith("tracemalloc")})
 
-    levels = ([100, 250, 500] if quick else
-              [250, 500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000])
+    levels = ([100, 250] if quick else
+              [100, 250, 500, 1000, 1500, 2000, 2500, 3000, 4000, 5000, 6000])
     concurrency: dict[str, Any] = {}
     deadline = time.perf_counter() + (30 if quick else 150)
     with phase(f"concurrency, model sleeping {MODEL_DELAY_S * 1000:.0f} ms per call"), \
             tempfile.TemporaryDirectory(prefix="helpline-bench-") as conc_tmp:
 
-        async def memory_store(n: int) -> Store:
+        async def memory_store(tag: int) -> Store:
             return MemoryStore()
 
-        async def sqlite_store(n: int) -> Store:
-            store = SQLStore(f"sqlite:///{Path(conc_tmp) / f'conc{n}.db'}")
+        async def sqlite_store(tag: int) -> Store:
+            store = SQLStore(f"sqlite:///{Path(conc_tmp) / f'conc{tag}.db'}")
             await store.open()
             return store
 
@@ -1206,7 +1304,7 @@ async def main_run(n: int, quick: bool, repeat: int) -> dict[str, Any]:
                                        "offsets within 200 ms; turn 1 done beforehand",
         },
         "transcript": script.transcript,
-        "context": {"demo_shop_action_ms": script.action_ms},
+        "context": {"demo_shop_action_ms_first_call": script.action_ms},
         "timings": {v: _best(reps[v]) for v in VARIANTS},
         "store_work_per_turn_sqlite": store_work,
         "state_bytes_sqlite": bytes_info,
@@ -1218,6 +1316,12 @@ async def main_run(n: int, quick: bool, repeat: int) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- report
+
+
+def _state_max(r: dict[str, Any]) -> int:
+    """The largest stored conversation state at any point of the journey."""
+    b = r["state_bytes_sqlite"]
+    return int(max(b.get("state_bytes_max_after_turn") or [b["state_bytes_max"]]))
 
 
 def evaluate(r: dict[str, Any]) -> dict[str, Any]:
@@ -1234,7 +1338,7 @@ def evaluate(r: dict[str, Any]) -> dict[str, Any]:
             "engine_sqlite_at_most_2x_floor": ratios["engine_sqlite"] <= GOAL_RATIO,
             "one_commit_per_turn":
                 r["store_work_per_turn_sqlite"]["commits"] <= GOAL_COMMITS,
-            "state_under_1_5_kb": r["state_bytes_sqlite"]["state_bytes_max"] < GOAL_STATE_BYTES,
+            "state_under_1_5_kb": _state_max(r) < GOAL_STATE_BYTES,
             "peak_memory_under_60_mib": r["memory"]["rss_peak_delta_mib"] < GOAL_PEAK_MIB,
             "at_least_3000_concurrent": conc >= GOAL_CONCURRENT,
         },
@@ -1244,16 +1348,18 @@ def evaluate(r: dict[str, Any]) -> dict[str, Any]:
 def build_notes(r: dict[str, Any]) -> list[str]:
     """Why the goals that are missed are missed, and what would close them.
 
-    The hotspots are from cProfile runs (``--profile memory``/``--profile
-    sqlite``) and the instrumented breakdown of this run; the numbers quoted
-    are this run's.
+    The hotspots come from cProfile runs (``--profile memory``, ``--profile
+    sqlite``) and from this run's instrumented breakdown; every number quoted
+    is this run's.
     """
-    t, e = r["timings"], r["evaluation"]
+    t, e, mi = r["timings"], r["evaluation"], r["machine"]
     bd = r.get("breakdown", {})
     mem = bd.get("memory_cpu_us_per_turn", {})
     sql = bd.get("sqlite_wall_us_per_turn", {})
     hop = bd.get("thread_hop_us", {})
     sel = bd.get("select_by_key_us", {})
+    proto = bd.get("machine_fire_us_per_call", {})
+    frozen = t.get("engine_memory_gc_frozen", {})
     w = r["store_work_per_turn_sqlite"]
 
     def part(table: dict[str, Any], key: str, field_name: str = "us_per_turn") -> float:
@@ -1264,108 +1370,152 @@ def build_notes(r: dict[str, Any]) -> list[str]:
         f"{k} {v['us_per_turn']}" + (f" ({v['us_per_call']} us per call)"
                                      if v["calls_per_turn"] != 1 else "")
         for k, v in mem.items() if isinstance(v, dict))
-    parts_text += (f", everything else (turn core, runner) {mem.get(_REST, '?')}, of which "
-                   f"about {mem.get(_OVERHEAD, '?')} is the instrumentation's own cost")
+    parts_text += (f", everything else (the turn core's own logic, the runner, locks, "
+                   f"dataclasses) {mem.get(_REST, '?')}; the instrumentation itself about "
+                   f"{mem.get(_OVERHEAD, '?')}")
     fire = part(mem, "state machine fire (transitions)")
     commit = part(mem, "store.commit_turn")
-    gc_us = float(mem.get(_GC, 0))
+    records = part(mem, "message/event records (TurnCore.record)")
+    contexts = part(mem, "template contexts (TurnCore.template_context)")
+    language = (part(mem, "language detection (detect_language)")
+                + part(mem, "language detection (_has_words)"))
+    em = t["engine_memory"]
     notes = [
-        f"Machine: {r['machine']['cpu_count']} CPUs shared with other work (load average "
-        f"{r['machine']['load_average_at_start']} at start, "
-        f"{r['machine'].get('load_average_at_end')} at end); wall-clock means and p99 include "
-        "preemption, so the CPU-time ratios (cpu_ratio_vs_floor) are given too. The floor "
-        f"measured {t['floor_memory']['cpu_us_min']} us CPU per turn in memory and "
+        f"Machine: {mi['cpu_count']} CPUs shared with other work running at the same time "
+        f"(load average {mi['load_average_at_start']} at start, "
+        f"{mi.get('load_average_at_end')} at end), so wall-clock means and p99 include "
+        "preemption; CPU time per turn (process time, all threads) is given next to them and "
+        "the CPU-time ratio is the steadier figure. The floor measured "
+        f"{t['floor_memory']['cpu_us_min']} us CPU per turn in memory and "
         f"{t['floor_sqlite']['cpu_us_min']} us on SQLite (the issue expects about 30 and 50).",
     ]
     ratio_m, cpu_m = e["ratio_vs_floor"]["engine_memory"], e["cpu_ratio_vs_floor"]["engine_memory"]
     if not e["goals"]["engine_memory_at_most_2x_floor"]:
         target = 2 * t["floor_memory"]["cpu_us_min"]
         notes.append(
-            f"Engine in memory: {ratio_m}x the floor in wall time ({cpu_m}x in CPU time), "
-            f"goal 2x: missed by {ratio_m / GOAL_RATIO:.1f}x; to reach it the turn must drop from "
-            f"{mem.get('total', '?')} to about {target:.0f} us CPU. Where a turn goes (CPU us "
-            f"per turn, instrumented run): {parts_text}; the garbage collector takes {gc_us} us "
-            "per turn on average, and its full collections walk every tracked object "
-            f"({r['machine'].get('gc_tracked_objects_at_start', 0):,} in this process before "
-            "the first turn: modules, SQLAlchemy, pydantic and Jinja internals; "
-            f"{r['machine'].get('gc_tracked_objects_after_memory_run', 0):,} once the memory "
-            "store holds every conversation, about two per stored message), which makes "
-            f"the p99 and max (longest pause {t['engine_memory']['gc_max_pause_ms']} ms).")
+            f"Engine in memory: {ratio_m}x the floor in wall time, {cpu_m}x in CPU time; goal "
+            f"2x, missed by {cpu_m / GOAL_RATIO:.1f}x (CPU): a turn must drop from "
+            f"{em['cpu_us_min']} to about {target:.0f} us of CPU. Where it goes (CPU us per "
+            f"turn, instrumented run of {mem.get('total', '?')} us): {parts_text}. The garbage "
+            f"collector adds {em['gc_us_per_turn']} us per turn on average (wall); its full "
+            "collections walk every "
+            f"tracked object ({mi.get('gc_tracked_objects_at_start', 0):,} before the first "
+            "turn: modules, SQLAlchemy, pydantic and Jinja internals; "
+            f"{mi.get('gc_tracked_objects_after_memory_run', 0):,} once the memory store holds "
+            "every conversation, about two per stored message), which is most of the p99 and "
+            f"max (longest pause in the reported run {em['gc_max_pause_ms']} ms).")
+        fire_fix = (f"{proto.get('transitions')} -> {proto.get('table')} us per fire measured on "
+                    f"this run's {proto.get('calls_compared')} real calls, "
+                    f"{proto.get('different_results')} different results"
+                    if proto else "<1 us per fire")
+        after = max(0.0, em["cpu_us_min"] - commit / 2 - fire - 12)
+        freeze_fix = (f"measured in this run (table row 'gc.freeze()'): GC time "
+                      f"{em['gc_us_per_turn']} -> {frozen.get('gc_us_per_turn')} us per turn, "
+                      f"longest pause {em['gc_max_pause_ms']} -> "
+                      f"{frozen.get('gc_max_pause_ms')} ms (its mean and p99 are in the table; "
+                      "on this shared machine differences of a few tens of percent between "
+                      "runs are noise)" if frozen else "")
         notes.append(
-            "What would close it (estimated saving per turn): (1) engine/flow/machine.py "
-            "FlowMachine.fire: keep building the transitions Machine once per flow for "
-            "validation and diagrams, but fire from a precomputed {(state, trigger): "
-            "transitions in declared order} table, evaluating guards directly (same "
-            f"first-guard-wins semantics): ~{fire:.0f} us -> <1 us. (2) engine/store/memory.py "
-            "MemoryStore.commit_turn: it re-creates every MessageRecord and JSON-encodes the "
-            "three state documents and each message's data on every turn; keep the caller's "
-            "frozen records (copy only non-empty data), skip re-encoding unchanged documents: "
-            f"about half of its {commit:.0f} us. (3) gc.freeze() after start-up in the serving "
-            "process (engine/app.py or the CLI), so full collections stop walking the import "
-            f"graph: most of the {gc_us:.0f} us GC share and the multi-millisecond p99 tail. "
-            "(4) engine/core/turn.py: template_context()/scope()/labels() are rebuilt for every "
-            "say/ask even when the text is static (no Jinja): build the context once per turn, "
-            "lazily, only for templated texts: a few us.")
+            "What would close it, biggest first (saving per turn): "
+            "(1) engine/store/memory.py MemoryStore.commit_turn "
+            f"({commit:.0f} us): it rebuilds every MessageRecord (frozen dataclass, ~5 per "
+            "turn) and an EntityChange, re-validates every datetime and JSON-encodes the three "
+            "state documents plus each message's data on every turn; keep the caller's frozen "
+            "records and encode only non-empty data, encode entities/results/counters once: "
+            f"about half, ~{commit / 2:.0f} us. "
+            "(2) engine/flow/machine.py FlowMachine.fire: the transitions Machine is built once "
+            "per flow (as required), but each trigger still goes through transitions' event "
+            "machinery (set_state, EventData, callbacks, logging checks): "
+            f"{fire:.0f} us per turn. Keep the Machine for validation and the diagram; fire "
+            "from a {(state, trigger): transitions in declared order} table built in __init__ "
+            f"and evaluate the guards directly, first guard that holds wins ({fire_fix}): "
+            f"~{fire:.0f} us. "
+            f"(3) gc.freeze() after start-up in the serving process (engine/app.py / CLI), "
+            f"and fewer GC-tracked objects per stored message in MemoryStore: {freeze_fix}. "
+            "(4) engine/core/turn.py: TurnCore.record builds a MessageRecord per event "
+            f"(~{records:.0f} us for ~5 records per turn: state/routed events are logged as "
+            "messages); template_context()/scope()/labels() are rebuilt for every say/ask even "
+            f"when the text is static ({contexts:.0f} us); language detection runs on every "
+            f"message ({language:.0f} us): build the context lazily once per turn, append "
+            "events as plain tuples turned into records at commit: ~10-15 us together. "
+            f"(1)+(2)+(4) bring the turn to roughly {after:.0f} us CPU "
+            f"({after / t['floor_memory']['cpu_us_min']:.1f}x the floor); the last stretch "
+            "to 2x is the turn core's many small dict copies and dataclass constructions "
+            "(scope, DecisionRequest, ActionContext, TurnOutcome).")
     if not e["goals"]["engine_sqlite_at_most_2x_floor"]:
         ratio_s = e["ratio_vs_floor"]["engine_sqlite"]
+        cpu_s = e["cpu_ratio_vs_floor"]["engine_sqlite"]
         calls = w.get("store_calls", 3)
         notes.append(
-            f"Engine on SQLite: {ratio_s}x the floor in wall time "
-            f"({e['cpu_ratio_vs_floor']['engine_sqlite']}x in CPU time), goal 2x: missed by "
-            f"{ratio_s / GOAL_RATIO:.1f}x. The store is not the ORM (it already runs SQLAlchemy "
-            f"Core statements built once) and does one transaction and {w.get('commits')} "
-            f"commit per turn, but a turn makes {calls} store calls (seen, load, commit_turn), "
-            f"each a thread hop to the store's worker thread (a no-op hop costs "
-            f"{hop.get('wall')} us wall / {hop.get('cpu')} us CPU here) plus a pool checkout, "
-            f"and runs "
-            f"{w.get('statements')} statements through Core: a SELECT by key costs "
-            f"{sel.get('core')} us through Core vs {sel.get('raw')} us on the raw sqlite3 "
-            f"cursor. Store calls as the loop sees them (us per turn): seen "
+            f"Engine on SQLite: {ratio_s}x the floor in wall time, {cpu_s}x in CPU time; goal "
+            f"2x, missed by {cpu_s / GOAL_RATIO:.1f}x (CPU). The hot path is not the ORM: the "
+            "store runs SQLAlchemy Core statements built once, in one transaction with "
+            f"{w.get('commits')} commit per turn. But a turn makes {calls} store calls (seen, "
+            "load, commit_turn), each a thread hop to the store's worker thread (a no-op hop "
+            f"costs {hop.get('wall')} us wall / {hop.get('cpu')} us CPU here) with a pool "
+            f"checkout, and runs {w.get('statements')} statements through Core, where a SELECT "
+            f"by key costs {sel.get('core')} us against {sel.get('raw')} us on the raw sqlite3 "
+            "cursor (compiled-cache lookup, bind and result processors, the JSON and UTC "
+            "TypeDecorators). Store calls as the event loop sees them (wall us per turn): seen "
             f"{part(sql, 'store.seen')}, load {part(sql, 'store.load')}, commit_turn "
-            f"{part(sql, 'store.commit_turn')}, of {sql.get('total')} per turn.")
+            f"{part(sql, 'store.commit_turn')}, of {sql.get('total')}; the rest is the "
+            "in-memory turn's cost above.")
+        core_gap = max(0.0, (sel.get("core") or 0) - (sel.get("raw") or 0))
         notes.append(
-            "What would close it: (1) engine/runner.py + Store: one store call to start a turn "
-            "(dedupe lookup and load together, e.g. Store.begin_turn(key, channel_message_id)), "
-            "so a turn makes 2 thread hops instead of 3 (-1 hop and -1 checkout, ~"
-            f"{(hop.get('wall') or 0) + 10:.0f} us); (2) engine/store/sql.py: on SQLite run the "
-            "three hot statements (load, seen, conversation UPDATE/INSERT + executemany message "
-            "insert) as prepared SQL strings on the DBAPI connection "
-            "(conn.exec_driver_sql / driver_connection) with parameters already encoded by "
-            "_conversation_params/_message_params (JSON text, UTC datetime text), keeping Core "
-            "for everything else and for PostgreSQL: saves roughly "
-            f"{max(0.0, (sel.get('core') or 0) - (sel.get('raw') or 0)):.0f} us per statement, "
-            f"~{w.get('statements', 0)} statements per turn; (3) the rest is the in-memory "
-            "turn's own cost above, which SQLite inherits. SQLite's own commit also writes more "
-            "pages than the floor's (a ~1 KB conversation row with two secondary indexes, "
-            f"{w.get('by_verb', {}).get('INSERT', '?')} INSERT statements per turn into the "
-            "message log with two unique indexes, and the entity history).")
+            "What would close it: (1) engine/runner.py Engine.handle + Store: start a turn with "
+            "one store call that does the dedupe lookup and the load together (e.g. "
+            "Store.begin_turn(key, channel_message_id) -> (seen, state)), so a turn is 2 thread "
+            f"hops instead of 3: ~{(hop.get('wall') or 0) + 10:.0f} us wall. (2) "
+            "engine/store/sql.py: for SQLite run the hot statements (load, seen, the "
+            "conversation UPDATE/INSERT, the message and entity-history executemany) as fixed "
+            "SQL strings on the DBAPI connection (Connection.exec_driver_sql or "
+            "connection.driver_connection) with parameters encoded once in "
+            "_conversation_params/_message_params (JSON text, UTC text), keeping Core for every "
+            f"other query and for PostgreSQL: ~{core_gap:.0f} us x {w.get('statements')} "
+            f"statements = ~{core_gap * (w.get('statements') or 0):.0f} us. (3) Everything "
+            "above for the in-memory turn. SQLite's commit itself also writes more pages than "
+            "the floor's (a ~1 KB conversation row with two secondary indexes, ~"
+            f"{b_rows(r)} message rows per turn through two unique indexes, the entity "
+            "history), which stays.")
     if not e["goals"]["at_least_3000_concurrent"]:
         c = r["concurrency"]["memory"]
         best = c["max_concurrent_p99_under_250ms"]
         need = GOAL_CONCURRENT / MODEL_DELAY_S
+        last = c["levels"][-1] if c["levels"] else {}
         notes.append(
             f"Concurrency: {best} concurrent conversations in memory with p99 < 250 ms (goal "
-            f"{GOAL_CONCURRENT}). With a 200 ms model every conversation asks for a turn every "
-            f"~200 ms, so {GOAL_CONCURRENT} conversations need ~{need:,.0f} turns/s from one "
-            f"event loop: at most {1e6 / need:.0f} us of CPU per turn including asyncio's timer "
-            f"and "
-            f"task overhead. The engine's turn costs {t['engine_memory']['cpu_us_min']} us CPU "
-            "(see above) on a CPU shared with other work, so the loop saturates at "
-            f"~{best}-{best * 2} conversations; the fixes above (towards 2x the floor, ~60 us) "
-            "are what brings 3000 in reach on a free core; beyond that, several worker "
-            "processes sharded by conversation key.")
+            f"{GOAL_CONCURRENT}). With a 200 ms model each conversation asks for a turn about "
+            f"every 200 ms, so {GOAL_CONCURRENT} conversations need ~{need:,.0f} turns/s from "
+            f"one event loop, at most {1e6 / need:.0f} us of CPU per turn including asyncio's "
+            f"tasks and timers. Under this load a turn cost {last.get('cpu_us_per_turn')} us "
+            f"of CPU and the process got {last.get('cpu_share')} of a CPU at the first level "
+            f"that missed ({last.get('conversations')}): even a dedicated core would saturate "
+            f"at about {c.get('saturation_ceiling_one_free_core')} conversations "
+            "(200 ms / CPU per turn, an upper bound). Full GC pauses (tens of ms, see above) "
+            "also land directly in p99. Closing it needs the per-turn fixes above (a ~60 us "
+            "turn puts 3000 within one core's reach) plus gc.freeze(); past that, several "
+            "worker processes sharded by conversation key (the per-conversation lock is "
+            "in-process, so shard by key).")
     if not e["goals"]["peak_memory_under_60_mib"]:
-        notes.append("Peak memory above 60 MiB for the conversations: see memory in the JSON.")
+        notes.append("Peak memory for the conversations is above 60 MiB: see memory in the JSON.")
     m = r["memory"]
     notes.append(
         f"Memory: {r['config']['conversations']} conversations in the memory store add "
-        f"{m['rss_peak_delta_mib']} MiB RSS at peak (tracemalloc peak "
-        f"{m.get('tracemalloc_peak_mib')} MiB, mostly the message log: "
-        f"{m['messages_per_conversation']} records per conversation as Python objects); the "
-        f"process itself (Python, pydantic, Jinja, transitions, the flows) starts at "
-        f"{m['rss_baseline_mib']} MiB, {m['rss_peak_mib']} MiB at peak. The goal is judged on "
-        "the conversations' share; a SQL-store process also imports SQLAlchemy (~20 MiB).")
+        f"{m['rss_peak_delta_mib']} MiB of RSS at peak (tracemalloc peak "
+        f"{m.get('tracemalloc_peak_mib')} MiB), mostly the message log kept as Python objects "
+        f"({m['messages_per_conversation']} records per conversation); the stored state itself "
+        f"is ~{m.get('stored_state_json_bytes_mean')} B of JSON per conversation. The process "
+        f"(Python, pydantic, Jinja, transitions, the flows; no SQLAlchemy) is "
+        f"{m['rss_baseline_mib']} MiB before the first turn and {m['rss_peak_mib']} MiB at "
+        "peak; the goal is judged on the conversations' share. A SQL-store process imports "
+        "SQLAlchemy too (about 20 MiB more) and keeps the log in the database instead.")
     return notes
+
+
+def b_rows(r: dict[str, Any]) -> float:
+    """Message rows written per turn (the log's share of the rows written)."""
+    b = r.get("state_bytes_sqlite", {})
+    return round(float(b.get("messages_per_conversation", 0)) / TURNS, 1)
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -1389,7 +1539,8 @@ def markdown(r: dict[str, Any]) -> str:
         rat = (f"{ev['ratio_vs_floor'][key]:.1f}x / {ev['cpu_ratio_vs_floor'][key]:.1f}x"
                if floor else "-")
         return (f"| {label} | {s['turns_per_s']:,} | {s['mean_us']:.0f} | {s['p50_us']:.0f} | "
-                f"{s['p99_us']:.0f} | {s['cpu_us_min']:.0f} | {rat} | {goal} |")
+                f"{s['p99_us']:.0f} | {s['cpu_us_min']:.0f} | {s['gc_us_per_turn']:.0f} "
+                f"({s['gc_max_pause_ms']:.0f} ms) | {rat} | {goal} |")
 
     lines = [
         f"Measured {mi['date'][:10]} on {mi['cpu_count']} shared CPUs "
@@ -1399,13 +1550,15 @@ def markdown(r: dict[str, Any]) -> str:
         f"turn 2, ...), best of {r['config']['repetitions']} runs. `python bench/turns.py` "
         "(`make bench`) reproduces it; results in `bench/results/turns.json`.",
         "",
-        "| Per turn | turns/s | mean us | p50 us | p99 us | CPU us | vs floor (wall / CPU) "
-        "| goal |",
-        "|---|---:|---:|---:|---:|---:|---|---|",
+        "| Per turn | turns/s | mean us | p50 us | p99 us | CPU us | GC us (longest pause) "
+        "| vs floor (wall / CPU) | goal |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
         row("floor, in memory", "floor_memory", ""),
         row("floor, SQLite", "floor_sqlite", ""),
         row("engine, scripted model, memory store", "engine_memory",
             f"<= 2x floor: {ok(g['engine_memory_at_most_2x_floor'])}"),
+        row("same, gc.freeze() after start-up (proposed fix)", "engine_memory_gc_frozen",
+            "-"),
         row("engine, scripted model, SQLite store", "engine_sqlite",
             f"<= 2x floor: {ok(g['engine_sqlite_at_most_2x_floor'])}"),
         row("engine, offline model, memory store", "engine_offline_memory",
@@ -1422,9 +1575,10 @@ def markdown(r: dict[str, Any]) -> str:
         f"({', '.join(f'{v} {k}' for k, v in w['by_verb'].items())}), {w['rows_written']} "
         f"rows written, {w['commits']} commit, {w['store_calls']} store calls (thread hops) | "
         f"one commit: {ok(g['one_commit_per_turn'])} |",
-        f"| conversation state stored, excluding the message log | mean "
-        f"{b['state_bytes_mean']} B, max {b['state_bytes_max']} B (results {b['results']}, "
-        f"entities {b['entities']}, counters {b['counters']}, other columns {b['scalars']}) | "
+        f"| conversation state stored, excluding the message log | {b['state_bytes_mean']} B "
+        f"after the journey (results {b['results']}, entities {b['entities']}, counters "
+        f"{b['counters']}, other columns {b['scalars']}); largest at any turn {_state_max(r)} B "
+        f"(mean after each turn {b.get('state_bytes_mean_after_turn')}) | "
         f"< 1.5 KB: {ok(g['state_under_1_5_kb'])} |",
         f"| message log per conversation | {b['message_log_bytes_per_conversation']} B in "
         f"{b['messages_per_conversation']} rows; entity history "
@@ -1438,23 +1592,38 @@ def markdown(r: dict[str, Any]) -> str:
         f"{cm['max_concurrent_p99_under_250ms']} | >= 3000: "
         f"{ok(g['at_least_3000_concurrent'])} |",
         f"| same, SQLite store | {cs['max_concurrent_p99_under_250ms']} | - |",
+        f"| saturation ceiling on one free core (200 ms / CPU per turn under load) | memory "
+        f"{cm.get('saturation_ceiling_one_free_core')}, SQLite "
+        f"{cs.get('saturation_ceiling_one_free_core')} | - |",
         "",
-        "| Concurrent conversations | memory p50 / p99 ms | memory turns/s | "
-        "SQLite p50 / p99 ms | SQLite turns/s |",
-        "|---:|---|---:|---|---:|",
+        "| Concurrent conversations | memory p50 / p99 ms | turns/s | CPU share | CPU us/turn "
+        "| SQLite p50 / p99 ms | turns/s | CPU share | CPU us/turn |",
+        "|---:|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     mem_rows = {x["conversations"]: x for x in cm["levels"]}
     sql_rows = {x["conversations"]: x for x in cs["levels"]}
+
+    def conc_cells(x: dict[str, Any] | None) -> str:
+        if x is None:
+            return "- | - | - | -"
+        return (f"{x['p50_ms']} / {x['p99_ms']} | {x['turns_per_s']:,} | "
+                f"{x.get('cpu_share', '-')} | {x.get('cpu_us_per_turn', '-')}")
+
     for level in sorted(set(mem_rows) | set(sql_rows)):
-        x, s = mem_rows.get(level), sql_rows.get(level)
-        cells = [f"{x['p50_ms']} / {x['p99_ms']} | {x['turns_per_s']:,}" if x else "- | -",
-                 f"{s['p50_ms']} / {s['p99_ms']} | {s['turns_per_s']:,}" if s else "- | -"]
-        lines.append(f"| {level} | {cells[0]} | {cells[1]} |")
-    bd = r.get("breakdown", {}).get("memory_cpu_us_per_turn", {})
+        lines.append(f"| {level} | {conc_cells(mem_rows.get(level))} | "
+                     f"{conc_cells(sql_rows.get(level))} |")
+    breakdown_info = r.get("breakdown", {})
+    bd = breakdown_info.get("memory_cpu_us_per_turn", {})
     if bd:
         lines += ["", "Where an in-memory turn's CPU time goes (instrumented run, us per turn): "
                   + "; ".join(f"{k} {v['us_per_turn'] if isinstance(v, dict) else v}"
                               for k, v in bd.items()) + "."]
+    proto = breakdown_info.get("machine_fire_us_per_call")
+    if proto:
+        lines += ["", f"Proposed fix, measured: firing through transitions costs "
+                  f"{proto['transitions']} us per call, a (state, trigger) table with the same "
+                  f"guards {proto['table']} us ({proto['calls_compared']} real calls, "
+                  f"{proto['different_results']} different results)."]
     notes = r.get("notes") or []
     if notes:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in notes]
@@ -1476,6 +1645,7 @@ def print_summary(r: dict[str, Any]) -> None:
     print(_fmt_timing("floor, in memory", t["floor_memory"], None))
     print(_fmt_timing("floor, SQLite", t["floor_sqlite"], None))
     print(_fmt_timing("engine, scripted, memory store", t["engine_memory"], t["floor_memory"]))
+    print(_fmt_timing("  same, gc.freeze()", t["engine_memory_gc_frozen"], t["floor_memory"]))
     print(_fmt_timing("engine, scripted, SQLite store", t["engine_sqlite"], t["floor_sqlite"]))
     print(_fmt_timing("engine, offline model, memory", t["engine_offline_memory"],
                       t["floor_memory"]))
@@ -1504,7 +1674,8 @@ def print_summary(r: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small smoke run (~30 s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 200 conversations, one repetition, short sweep (~20 s)")
     parser.add_argument("--conversations", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=None,
                         help="repetitions of the timed runs (default 3, 1 with --quick)")

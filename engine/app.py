@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,4 +87,9 @@ async def build_app(settings: Settings, *, model: str | None = None,
         primary = model_stack(settings, primary, fallback, metrics)
     engine = Engine(flows, store, primary, actions, fallback=fallback, privacy=Privacy(),
                     metrics=metrics)
+    # Everything built so far lives as long as the process: move it out of the
+    # garbage collector's generations so full collections stop re-walking it
+    # (measured in bench/turns.py: GC per turn 25 -> 10 us, worst pause 166 -> 54 ms).
+    gc.collect()
+    gc.freeze()
     return App(settings, engine, shop, store)

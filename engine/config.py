@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.errors import ConfigError
@@ -89,6 +89,38 @@ class Settings(BaseSettings):
     route_cache: Literal["never", "short", "faq"] = "faq"
     #: Ask Claude to screen restricted content before each decision.
     content_classifier: bool = False
+
+    # -- telegram (channels/telegram) --------------------------------------------
+    #: Bot token from @BotFather (``<bot id>:<secret>``); the channel is off without one.
+    telegram_token: SecretStr | None = None
+    #: ``polling`` needs no public URL (one poller per token); ``webhook`` serves
+    #: ``POST /telegram/webhook`` and needs ``telegram_webhook_secret``.
+    telegram_mode: Literal["polling", "webhook"] = "polling"
+    #: Sent by Telegram as ``X-Telegram-Bot-Api-Secret-Token``: 1-256 of ``[A-Za-z0-9_-]``.
+    telegram_webhook_secret: SecretStr | None = None
+    #: Bot API server base URL (a local Bot API server, a test fake); None = api.telegram.org.
+    telegram_api_base: str | None = None
+    #: getUpdates long-poll timeout, seconds.
+    telegram_poll_timeout: int = Field(default=30, ge=0, le=50)
+    #: Treat Telegram users as anonymous demo customers (``demo:telegram:<id>``, who may
+    #: see every demo order) instead of ``telegram:<id>``. For demos only.
+    telegram_demo_customers: bool = False
+
+    # -- slack (channels/slack; the ``slack`` extra) ------------------------------
+    #: Bot token (``xoxb-``); the Slack channel is off without one.
+    slack_bot_token: SecretStr | None = None
+    #: Verifies Events API requests (v0 signatures); needed in ``events`` mode.
+    slack_signing_secret: SecretStr | None = None
+    #: App-level token (``xapp-``, scope ``connections:write``); needed in ``socket`` mode.
+    slack_app_token: SecretStr | None = None
+    #: ``events``: Slack POSTs to ``/slack/events`` (public URL needed); ``socket``:
+    #: Socket Mode, an outgoing WebSocket (for development; not for Marketplace apps).
+    slack_mode: Literal["events", "socket"] = "events"
+    #: Web API base URL (a test fake); None = https://slack.com/api/.
+    slack_api_base: str | None = None
+    #: Channel id of the agents' workspace: handoffs from every channel are posted there
+    #: as threads agents claim and answer in. None = off.
+    slack_agents_channel: str | None = None
 
     def resolved_model(self) -> str:
         if self.model == "auto":

@@ -336,7 +336,8 @@ class Engine:
         try:
             decision = await self.model.decide(request)
         except ContentPolicyError:
-            decision = Decision(reply=policy_reply(request.language), model="policy")
+            decision = Decision(reply=policy_reply(request.language), model="policy",
+                                off_topic=True)
         except ModelError as exc:
             if self.fallback is None or (isinstance(exc, ModelBusyError)
                                          and _busy_attempt.get() < self.busy_retries):

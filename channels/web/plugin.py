@@ -39,18 +39,22 @@ from starlette.websockets import WebSocket
 from channels.web.protocol import (
     Ack,
     AuthFrame,
+    ClientMessage,
     CloseCode,
     ErrorCode,
     Limits,
     MessageFrame,
     PingFrame,
     Pong,
+    QuickReplyFrame,
     RateLimiter,
+    RatingFrame,
     Ready,
     Reject,
     Resync,
     ServerFrame,
     SocketPolicy,
+    TurnFrame,
     Typing,
     encode,
     error,
@@ -60,15 +64,6 @@ from channels.web.protocol import (
     resume_frames,
     resume_mode,
     stored_message_id,
-)
-from channels.web.protocol import (
-    ClientMessage as _ClientMessage,
-)
-from channels.web.protocol import (
-    QuickReplyFrame as _QuickReplyFrame,
-)
-from channels.web.protocol import (
-    RatingFrame as _RatingFrame,
 )
 from channels.web.session import SessionClaims, SessionSigner, TokenError, valid_site
 from engine.core.types import Outbound
@@ -88,9 +83,7 @@ INBOX_SIZE = 32
 #: Seconds :meth:`WebChannel.stop` waits for in-flight turns.
 STOP_TIMEOUT = 30.0
 #: Session tokens one client address may request per minute.
-SESSIONS_PER_MINUTE = 30
-
-TurnFrame = _ClientMessage | _RatingFrame | _QuickReplyFrame
+SESSIONS_PER_MINUTE = 60
 
 
 def make(context: ServerContext) -> WebChannel:
@@ -208,6 +201,7 @@ class WebChannel:
         self.stopping = False
         self._turns: set[asyncio.Task[None]] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
+        self.sessions_per_minute = SESSIONS_PER_MINUTE
         self._session_limits: dict[str, RateLimiter] = {}
         context.extras[CHANNEL] = self
 
@@ -327,7 +321,10 @@ class WebChannel:
         loop = asyncio.get_running_loop()
         if len(self._session_limits) > 10_000:
             self._session_limits.clear()
-        limiter = self._session_limits.setdefault(client, RateLimiter(SESSIONS_PER_MINUTE, 60))
+        limiter = self._session_limits.get(client)
+        if limiter is None or limiter.limit != self.sessions_per_minute:
+            limiter = RateLimiter(self.sessions_per_minute, 60.0)
+            self._session_limits[client] = limiter
         return limiter.allow(loop.time())
 
     async def demo_page(self, request: Request) -> Response:
@@ -365,6 +362,7 @@ class WebChannel:
                 await self._read(conn)
         except Exception:
             logger.exception("web chat socket failed")
+            conn.release([])
             conn.send(error(ErrorCode.INTERNAL, "internal error; reconnect and resume"))
             conn.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
@@ -454,7 +452,7 @@ class WebChannel:
                 conn.reject(verdict)
             elif isinstance(verdict, PingFrame):
                 conn.send(Pong())
-            elif isinstance(verdict, _ClientMessage | _RatingFrame | _QuickReplyFrame):
+            elif isinstance(verdict, ClientMessage | RatingFrame | QuickReplyFrame):
                 try:
                     conn.inbox.put_nowait(verdict)
                 except asyncio.QueueFull:

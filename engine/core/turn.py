@@ -123,6 +123,7 @@ class TurnCore:
         #: Routed this turn: the start state is entered after the message is read.
         self.fresh = False
         self.decision: Decision | None = None
+        self._plain: dict[str, Any] | None = None
         self._last_normal: str | None = conv.state
 
     # -- helpers -------------------------------------------------------------
@@ -155,7 +156,11 @@ class TurnCore:
         return pick(_TEXTS[key], self.conv.language)
 
     def plain_entities(self) -> dict[str, Any]:
-        return {k: v["v"] for k, v in self.conv.entities.items()}
+        # Rebuilt only after a change: a turn reads this several times.
+        cached = self._plain
+        if cached is None:
+            cached = self._plain = {k: v["v"] for k, v in self.conv.entities.items()}
+        return dict(cached)
 
     def scope(self) -> dict[str, Any]:
         flow = self.flow
@@ -356,6 +361,10 @@ class TurnCore:
                 return
 
         progressed, jump_to = self.apply_entities(flow, decision)
+        if progressed:
+            # Progress ends a digression, also when it moves the conversation on
+            # (``stay`` is not reached then).
+            self.clear("off_topic")
         if self.fresh:
             # First message of the journey: it may already say what the
             # customer wants ("I want to change my address") or carry the
@@ -478,6 +487,7 @@ class TurnCore:
         return progressed, jump_to
 
     def set_entity(self, name: str, value: Any, source: str, turn: int) -> None:
+        self._plain = None
         previous = self.conv.entities.get(name)
         self.conv.entities[name] = {"v": value, "t": turn, "s": source}
         self.clear(f"attempts:{name}")
@@ -576,6 +586,7 @@ class TurnCore:
                 if name in self.conv.entities:
                     self.set_entity(name, None, "engine", self.conv.counters.get("turn", 0))
                     del self.conv.entities[name]
+                    self._plain = None
             if state.kind == "handoff":
                 self.handoff(reason or "policy", f"flow moved to {target}", entered=True)
                 return

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from transitions import EventData, Machine
+from transitions import EventData, Machine, MachineError
 
 from engine.flow.guards import Guard
 
@@ -69,6 +69,26 @@ class FlowMachine:
             )
         self._cursor = _Cursor()
         self._machine.add_model(self._cursor, initial=initial)
+        self._table = self._dispatch_table()
+
+    def _dispatch_table(self) -> dict[tuple[str, str], tuple[MachineTransition, ...]]:
+        """(state, trigger) -> transitions in the machine's own order.
+
+        Read back from the ``transitions`` machine (its events and their
+        per-source transition lists), so firing follows exactly the machine
+        that validation and ``helpline graph`` use, without paying for
+        EventData and callback dispatch on every turn (~11 us against ~1 us).
+        """
+        by_edge: dict[tuple[str, str, str], list[MachineTransition]] = {}
+        for t in self.transitions:
+            by_edge.setdefault((t.trigger, t.source, t.dest), []).append(t)
+        table: dict[tuple[str, str], list[MachineTransition]] = {}
+        for name, event in self._machine.events.items():
+            for source, items in event.transitions.items():
+                for item in items:
+                    declared = by_edge[(name, source, item.dest)].pop(0)
+                    table.setdefault((source, name), []).append(declared)
+        return {k: tuple(v) for k, v in table.items()}
 
     @staticmethod
     def _condition(guard: Guard) -> Any:
@@ -92,6 +112,20 @@ class FlowMachine:
         The caller checks that ``state`` declares ``trigger`` first; this is
         synchronous, so sharing the cursor between conversations is safe on
         one event loop.
+        """
+        candidates = self._table.get((state, trigger))
+        if candidates is None:
+            raise MachineError(f"can't trigger event {trigger} from state {state}")
+        for t in candidates:
+            if t.guard is None or t.guard.evaluate(scope):
+                return t
+        return None
+
+    def fire_via_machine(self, state: str, trigger: str,
+                         scope: Mapping[str, Any]) -> MachineTransition | None:
+        """The same as :meth:`fire`, through ``transitions``' own trigger machinery.
+
+        Kept for tests that prove the dispatch table and the machine agree.
         """
         cursor = self._cursor
         cursor.fired = None

@@ -35,7 +35,8 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from engine.errors import ModelError, ModelOutputError, ModelUnavailableError
@@ -186,8 +187,9 @@ class ResilientModel(ModelDecorator):
     async def _attempts(self, call: Callable[[], Awaitable[T]]) -> T:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.attempts),
-            wait=wait_exponential_jitter(initial=self.wait_initial, max=self.wait_max,
-                                         jitter=self.jitter),
+            # initial x 2^n capped at wait_max, plus uniform jitter in [0, jitter x initial].
+            wait=wait_exponential(multiplier=self.wait_initial, max=self.wait_max)
+            + wait_random(0, self.jitter * self.wait_initial),
             retry=retry_if_exception(self._retryable),
             sleep=self.sleep,
             reraise=True,

@@ -390,7 +390,9 @@ class ClaudeModel(Model):
             tool_choice={"type": "tool", "name": DECISION_TOOL},
         )
         tool_use = next((b for b in message.content
-                         if b.type == "tool_use" and b.name == DECISION_TOOL), None)
+                         if getattr(b, "type", None) == "tool_use"
+                         and getattr(b, "name", None) == DECISION_TOOL), None)
+        tool_use_id = getattr(tool_use, "id", None)
         raw = self._tool_input(message, DECISION_TOOL)
         try:
             # Strict: the tool schema asks for JSON integers and booleans, and lax
@@ -412,7 +414,7 @@ class ClaudeModel(Model):
             source="model",
             model=self.models.resolve("decision"),
             off_topic=payload.off_topic,
-            tool_use_id=tool_use.id if tool_use is not None else None,
+            tool_use_id=tool_use_id if isinstance(tool_use_id, str) else None,
             raw=dict(raw),
         )
 

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from argon2 import PasswordHasher
+from argon2 import PasswordHasher, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.requests import HTTPConnection, Request
@@ -114,7 +114,7 @@ class AgentAuth:
         stored = self.agents.get(name)
         if stored is None:
             if self._dummy is None:
-                self._dummy = await asyncio.to_thread(self._hasher.hash, secrets.token_hex(8))
+                self._dummy = await asyncio.to_thread(self._dummy_hash)
             stored, known = self._dummy, False
         else:
             known = True
@@ -127,6 +127,15 @@ class AgentAuth:
         except VerificationError:
             return False
         return known
+
+    def _dummy_hash(self) -> str:
+        """A hash costing what the configured ones cost, for names that do not exist."""
+        hasher = self._hasher
+        for stored in self.agents.values():
+            with contextlib.suppress(InvalidHashError):
+                hasher = PasswordHasher.from_parameters(extract_parameters(stored))
+                break
+        return hasher.hash(secrets.token_hex(8))
 
     def throttled(self, client: str) -> bool:
         """Whether ``client`` failed too often recently."""
@@ -414,6 +423,9 @@ def console_routes(context: ServerContext) -> list[BaseRoute]:
     secret = settings.secret_key or context.extras.setdefault(
         "console.secret", secrets.token_urlsafe(32))
     auth = AgentAuth(settings.agents, secret)
+    if not settings.agents:
+        logger.warning("agent console: no agent accounts configured; add `agents:` to the "
+                       "config file (hashes from `helpline hash-password`)")
     desk = context.desk
     engine = context.engine
     store: Store = engine.store

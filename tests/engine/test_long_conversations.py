@@ -245,7 +245,7 @@ ZH_SCRIPT: tuple[str, ...] = (
 SCRIPTS = {"en": EN_SCRIPT, "zh": ZH_SCRIPT}
 
 
-# --- a stand-in for Claude ---------------------------------------------------------------------------
+# --- a stand-in for Claude -----------------------------------------------------------------------
 
 DECISION = "record_decision"
 ROUTE = "choose_flow"
@@ -261,6 +261,7 @@ _DENY = re.compile(r"\b(?:cancel the refund|don't refund)\b|取消退款", re.IG
 _FACTS_HEADER = "Known facts"
 _FACT_LINE = re.compile(r"^- (\w+) = (.*)$")
 _LANGUAGE = re.compile(r"Reply in the customer's language \((\w+)\)")
+_SUMMARY_LANGUAGE = re.compile(r"bullet points in (\w+)")
 
 _ANSWERS = {
     "en": (
@@ -310,7 +311,7 @@ def customer_text(request: RecordedRequest) -> str:
         content = message.get("content")
         if isinstance(content, str):
             return content
-        return "\n".join(str(b.get("text", "")) for b in content
+        return "\n".join(str(b.get("text", "")) for b in content or []
                          if isinstance(b, dict) and b.get("type") == "text")
     return ""
 
@@ -358,11 +359,13 @@ class StandInClaude:
 
     def summary(self, request: RecordedRequest) -> ResponderResult:
         self.summaries += 1
-        zh = " in zh." in request.system_text
+        match = _SUMMARY_LANGUAGE.search(request.system_text)
+        zh = match is not None and match.group(1) == "zh"
         folded = request.last_user_text.count("\ncustomer: ")
         if zh:
             text = ("- 顾客想为收到时破损的无线耳机退款。\n"
-                    f"- 期间聊了天气和日常，问了配送、发票、会员积分等问题（本段 {folded} 条顾客消息）。\n"
+                    "- 期间聊了天气和日常，问了配送、发票、会员积分等问题"
+                    f"（本段 {folded} 条顾客消息）。\n"
                     "- 机器人已复述退款内容，正在等顾客确认。\n- 顾客情绪：友好、耐心。")
         else:
             text = ("- The customer wants a refund for wireless earbuds that arrived damaged.\n"
@@ -422,18 +425,25 @@ class StandInClaude:
 # --- harness -------------------------------------------------------------------------------------
 
 
-def flow_copy(directory: Path, **summary: Any) -> Path:
-    """The demo flows copied to ``directory`` with ``summary`` settings for the refund flow."""
+#: The demo flow hands a conversation that drifts for 3 x max_failed_attempts turns in a row
+#: (9) to a colleague; these customers drift for up to 29 turns in a row at the read-back.
+PATIENT = {"max_failed_attempts": 10}
+
+
+def flow_copy(directory: Path, *, handoff: dict[str, Any] | None = None,
+              **summary: Any) -> Path:
+    """The demo flows copied to ``directory``; the refund flow gets ``summary`` settings
+    and ``handoff`` overrides (:data:`PATIENT` by default)."""
     directory.mkdir(parents=True, exist_ok=True)
     for source in (ROOT / "flows").glob("*.yaml"):
         shutil.copy(source, directory / source.name)
-    if summary:
-        yaml = YAML()
-        path = directory / "refund.yaml"
-        spec = yaml.load(path.read_text(encoding="utf-8"))
-        spec["summary"] = dict(summary)
-        with path.open("w", encoding="utf-8") as out:
-            yaml.dump(spec, out)
+    yaml = YAML()
+    path = directory / "refund.yaml"
+    spec = yaml.load(path.read_text(encoding="utf-8"))
+    spec["summary"] = dict(summary)
+    spec["handoff"].update(PATIENT if handoff is None else handoff)
+    with path.open("w", encoding="utf-8") as out:
+        yaml.dump(spec, out)
     return directory
 
 
@@ -486,8 +496,9 @@ class LongChat:
     async def talk(self, script: Sequence[str], *, pause: float = 0.0) -> list[Turn]:
         for text in script:
             await self.say(text)
-            if pause:
-                await asyncio.sleep(pause)  # the customer types
+            # The customer types; the event loop runs background work meanwhile (an
+            # in-memory turn never suspends, so without this nothing else would run).
+            await asyncio.sleep(pause)
         return self.turns
 
     async def conv(self) -> ConversationState:
@@ -513,3 +524,291 @@ def request_tokens(request: RecordedRequest) -> tuple[int, int]:
     body = request.body
     return count_request_tokens(body), estimate_request_tokens(
         body.get("system", []), body.get("messages", []), body.get("tools", []))
+
+
+def tool_pairs_intact(messages: Sequence[dict[str, Any]]) -> bool:
+    """Every tool_result answers a tool_use of the message before it, and every tool_use
+    is answered in the message after it (what the Messages API requires)."""
+    def blocks(message: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+        content = message.get("content")
+        return [b for b in content if isinstance(b, dict) and b.get("type") == kind] \
+            if isinstance(content, list) else []
+
+    for i, message in enumerate(messages):
+        if message["role"] == "user":
+            offered = {b["id"] for b in blocks(messages[i - 1], "tool_use")} if i else set()
+            if any(b["tool_use_id"] not in offered for b in blocks(message, "tool_result")):
+                return False
+        else:
+            answered = {b["tool_use_id"] for b in blocks(messages[i + 1], "tool_result")} \
+                if i + 1 < len(messages) else set()
+            if any(b["id"] not in answered for b in blocks(message, "tool_use")):
+                return False
+    return True
+
+
+def has_cjk(text: str) -> bool:
+    return bool(_CJK.search(text))
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+@dataclass
+class Recording(Model):
+    """Wraps a model and keeps every decision request it was asked."""
+
+    inner: Model
+    requests: list[DecisionRequest] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.name = self.inner.name
+        self.history_turns = getattr(self.inner, "history_turns", 0)
+
+    async def decide(self, request: DecisionRequest) -> Decision:
+        self.requests.append(request)
+        return await self.inner.decide(request)
+
+    async def route(self, request: Any) -> Any:
+        return await self.inner.route(request)
+
+    async def summarise(self, request: Any) -> str:
+        return await self.inner.summarise(request)
+
+
+@pytest.fixture
+async def shop() -> AsyncIterator[Shop]:
+    async with Shop() as opened:
+        yield opened
+
+
+@pytest.fixture
+def actions(shop: Shop) -> ActionRegistry:
+    return build_actions(shop)
+
+
+@pytest.fixture
+def small_flows(tmp_path: Path, actions: ActionRegistry) -> FlowSet:
+    """The demo flows with a 3,000-token budget for the refund flow."""
+    return load_demo_flows(flow_copy(tmp_path / "flows", max_context_tokens=SMALL_BUDGET),
+                           actions)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeClaude]:
+    async with FakeClaude() as server:
+        yield server
+
+
+@pytest.fixture
+async def claude(fake: FakeClaude) -> AsyncIterator[ClaudeModel]:
+    model = ClaudeModel(client=fake.client(max_retries=0, timeout=5.0))
+    try:
+        yield model
+    finally:
+        await model.close()
+
+
+async def assert_refunded_the_corrected_order(chat: LongChat, shop: Shop, source: str) -> None:
+    """The journey ended with the corrected order refunded, and the store shows why."""
+    conv = await chat.conv()
+    assert (conv.flow, conv.state, conv.owner) == ("refund", "refunded", "bot")
+    assert {k: v["v"] for k, v in conv.entities.items()} == {"order_id": NEW_ORDER,
+                                                             "reason": "damaged"}
+    assert len(await shop.refunds_for_order(NEW_ORDER)) == 1
+    assert await shop.refunds_for_order(OLD_ORDER) == []
+    # Provenance: the correction wins, and the history shows both values.
+    history = await chat.store.entity_history(conv.id, "order_id")
+    assert [(c.value, c.previous, c.turn, c.source) for c in history] == [
+        (OLD_ORDER, None, 4, source), (NEW_ORDER, OLD_ORDER, CORRECTION_TURN, source)]
+    assert conv.entities["order_id"]["t"] == CORRECTION_TURN
+
+
+# --- Claude (the stand-in behind the fake Messages API) ----------------------------------------
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+async def test_sixty_turns_through_claude(language: str, fake: FakeClaude, claude: ClaudeModel,
+                                          small_flows: FlowSet, actions: ActionRegistry,
+                                          shop: Shop) -> None:
+    summary_delay = 0.5
+    standin = StandInClaude(drift_to=NEW_ORDER, stale=OLD_ORDER,
+                            summary_delay=summary_delay).install(fake)
+    metrics = Metrics(multiprocess_dir="")
+    chat = make_chat(small_flows, actions, claude, thread=f"claude-{language}", fake=fake,
+                     metrics=metrics)
+    script = SCRIPTS[language]
+    assert len(script) == 60
+    turns = await chat.talk(script, pause=0.02)
+    await chat.engine.drain()
+    budget = budget_tokens(SMALL_BUDGET, 0.2)
+
+    for turn in turns:
+        assert len(turn.requests) == 1, turn.number  # one decision per customer message
+        request = turn.requests[0]
+        assert request.status == 200, (turn.number, request.response_json)
+        counted, estimated = request_tokens(request)
+        # Under the budget at every turn: the engine's estimate under the usable budget,
+        # the fake's independent count under the flow's maximum.
+        assert estimated <= budget, turn.number
+        assert counted <= SMALL_BUDGET, turn.number
+        # The current question is never trimmed away, and tool-use pairs are never split.
+        assert customer_text(request) == turn.text
+        assert tool_pairs_intact(request.messages), turn.number
+        # The memory check runs every third turn (check_every: 3).
+        required = request.tool(DECISION)["input_schema"]["required"]  # type: ignore[index]
+        assert ("pinned" in required) == (turn.number % 3 == 0), turn.number
+        # A reply never waits for a summary (each summary call takes summary_delay).
+        assert turn.seconds < summary_delay, (turn.number, turn.seconds)
+        assert turn.replies, turn.number
+    assert not fake.handler_errors
+    assert all(r.status == 200 for r in fake.requests), [r.status for r in fake.requests]
+
+    # The budget mattered: later requests were trimmed to a window, not the full history.
+    assert max(len(t.requests[0].messages) for t in turns) <= 2 * 6 + 1
+    assert any(t.summaries_pending for t in turns)  # replies went out while summarising
+
+    # Pinned entities in the final request: the corrected values, from the store.
+    final = turns[-1].requests[0]
+    assert known_facts(final.system_text) == {"order_id": NEW_ORDER, "reason": "damaged"}
+    assert OLD_ORDER not in final.system_text
+    await assert_refunded_the_corrected_order(chat, shop, "model")
+
+    # The deliberate wrong echo (first check after the correction, turn 33) is detected,
+    # logged, counted, and corrected once in the next prompt.
+    assert standin.drifted is turns[32].requests[0]
+    [mismatch] = await chat.events("memory_mismatch")
+    assert mismatch.data == {"mismatches": {"order_id": {"model": OLD_ORDER,
+                                                         "store": NEW_ORDER}}}
+    assert (await chat.conv()).counters["memory_mismatches"] == 1
+    assert sample(metrics, "helpline_memory_mismatches_total") == 1
+    note = (f"Note: Correction from the system of record: order_id is '{NEW_ORDER}', "
+            f"not '{OLD_ORDER}'.")
+    assert [t.number for t in turns if note in t.requests[0].system_text] == [34]
+    checks = await chat.events("memory_check")
+    assert len(checks) == 60 // 3 - 1 and all(c.data == {"ok": True} for c in checks)
+
+    # Summaries ran in the background and reached the system prompt, in the right language.
+    summaries = await chat.events("summary")
+    assert len(summaries) >= 3 and all(s.data["ok"] for s in summaries)
+    assert standin.summaries == len(summaries)
+    assert sample(metrics, "helpline_summaries_total", outcome="ok") == len(summaries)
+    conv = await chat.conv()
+    assert conv.summary.startswith(f"Customer language: {language}\n")
+    assert f"Summary of the conversation so far:\nCustomer language: {language}" in \
+        final.system_text
+    first_summarised = next(t.number for t in turns
+                            if "Summary of the conversation" in t.requests[0].system_text)
+    assert first_summarised < CORRECTION_TURN
+
+    # Decisions are replayed as tool calls with the engine's verdict.
+    decisions = await chat.events("decision")
+    assert len(decisions) == 60
+    assert all(d.data["tool_use_id"].startswith("toolu_") for d in decisions)
+    assert "state is now refunded" in decisions[-1].data["verdict"]
+
+    # Prompt caching: the stable prefix (tool, rules, state) is read from the cache except
+    # when it changes (a new state, the first memory-check variant of the tool).
+    reads = [t.requests[0].response_json["usage"]["cache_read_input_tokens"] for t in turns]
+    assert claude.usage.cache_read_input_tokens == sum(reads)
+    assert sum(1 for n in reads if n > 0) >= 50
+
+    # The customer's language holds for 60 turns.
+    replies = [text for t in turns for text in t.replies]
+    if language == "zh":
+        assert all(has_cjk(text) for text in replies)
+        assert all("Reply in the customer's language (zh)" in t.requests[0].system_text
+                   for t in turns)
+        assert has_cjk(conv.summary)
+    else:
+        assert not any(has_cjk(text) for text in replies)
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+async def test_a_failing_summary_call_never_breaks_the_conversation(
+    language: str, fake: FakeClaude, claude: ClaudeModel, small_flows: FlowSet,
+    actions: ActionRegistry, shop: Shop
+) -> None:
+    StandInClaude(drift_to=None).install(fake)
+    overloaded = fake.fail_when(is_summary, 529)
+    metrics = Metrics(multiprocess_dir="")
+    chat = make_chat(small_flows, actions, claude, thread=f"overloaded-{language}", fake=fake,
+                     metrics=metrics)
+    turns = await chat.talk(SCRIPTS[language], pause=0.01)
+    await chat.engine.drain()
+    budget = budget_tokens(SMALL_BUDGET, 0.2)
+
+    assert overloaded.hits >= 3
+    assert all(t.replies and t.requests[0].status == 200 for t in turns)
+    assert all(request_tokens(t.requests[0])[1] <= budget for t in turns)
+    await assert_refunded_the_corrected_order(chat, shop, "model")
+
+    # Every summary fell back to the extractive one, was counted as an error, and still
+    # bounded the context.
+    summaries = await chat.events("summary")
+    assert len(summaries) == overloaded.hits
+    assert not any(s.data["ok"] for s in summaries)
+    assert sample(metrics, "helpline_summaries_total", outcome="error") == overloaded.hits
+    assert sample(metrics, "helpline_summaries_total", outcome="ok") == 0
+    conv = await chat.conv()
+    assert conv.summary.startswith(f"Customer language: {language}\n- customer: ")
+    final = turns[-1].requests[0]
+    assert known_facts(final.system_text) == {"order_id": NEW_ORDER, "reason": "damaged"}
+    assert "Summary of the conversation so far:" in final.system_text
+
+
+# --- the offline model ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+async def test_sixty_turns_offline(language: str, small_flows: FlowSet,
+                                   actions: ActionRegistry, shop: Shop) -> None:
+    model = Recording(OfflineModel())
+    metrics = Metrics(multiprocess_dir="")
+    chat = make_chat(small_flows, actions, model, thread=f"offline-{language}", metrics=metrics)
+    turns = await chat.talk(SCRIPTS[language])
+    await chat.engine.drain()
+
+    assert all(t.replies for t in turns)
+    assert len(model.requests) == 60
+    await assert_refunded_the_corrected_order(chat, shop, "customer")
+    final = model.requests[-1]
+    assert {n: final.entities.get(n) for n in small_flows["refund"].pinned} == {
+        "order_id": NEW_ORDER, "reason": "damaged"}
+
+    # What Claude would have been sent for each of these requests fits the budget, and
+    # its pinned facts come from the store.
+    view = ClaudeModel(api_key="not-used")
+    try:
+        budget = budget_tokens(SMALL_BUDGET, 0.2)
+        flow = small_flows["refund"]
+        for request in model.requests:
+            system = view.system_blocks(request)
+            tool = view.decision_tool(flow, request.state)
+            view.fit(flow, system, view.messages(request.history, request.text), [tool])
+            assert view.last_request_tokens <= budget
+        facts = known_facts("\n".join(b["text"] for b in view.system_blocks(final)))
+        assert facts == {"order_id": NEW_ORDER, "reason": "damaged"}
+    finally:
+        await view.close()
+
+    # The deterministic memory check: every third turn, always in agreement.
+    checks = await chat.events("memory_check")
+    assert len(checks) == 20 and all(c.data["ok"] for c in checks)
+    assert await chat.events("memory_mismatch") == []
+    assert sample(metrics, "helpline_memory_mismatches_total") == 0
+
+    # Extractive summaries, bounded, in the customer's language.
+    summaries = await chat.events("summary")
+    assert len(summaries) >= 5 and all(s.data["ok"] for s in summaries)
+    conv = await chat.conv()
+    assert conv.summary.startswith(f"Customer language: {language}\n")
+    assert len(conv.summary.splitlines()) <= 13
+    assert model.requests[-1].summary == conv.summary or summaries[-1].seq > \
+        max(r.seq for r in await chat.store.messages(conv.id) if r.direction == "in")
+    replies = [text for t in turns for text in t.replies]
+    if language == "zh":
+        assert all(has_cjk(text) for text in replies)
+    else:
+        assert not any(has_cjk(text) for text in replies)

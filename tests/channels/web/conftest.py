@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
-import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,15 +27,6 @@ import uvicorn
 from engine.config import Settings
 from engine.server.app import create_app
 from engine.server.context import ServerContext
-
-try:  # the agent console is built alongside; until it lands, mount nothing for it
-    import engine.server.console  # noqa: F401
-except ModuleNotFoundError as missing:  # pragma: no cover - only while it is missing
-    if missing.name != "engine.server.console":
-        raise
-    _stub = types.ModuleType("engine.server.console")
-    _stub.console_routes = lambda context: []  # type: ignore[attr-defined]
-    sys.modules["engine.server.console"] = _stub
 
 TEST_SECRET = "test-secret-key-for-web-chat"
 
@@ -95,6 +84,7 @@ def live_settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 async def start_live_server(settings: Settings, *, model: str = "offline") -> LiveServer:
+    """Start a server (``settings.port``; 0 picks a free one) and wait until it is ready."""
     ready: asyncio.Future[ServerContext] = asyncio.get_running_loop().create_future()
 
     def on_ready(context: ServerContext) -> None:
@@ -102,7 +92,7 @@ async def start_live_server(settings: Settings, *, model: str = "offline") -> Li
             ready.set_result(context)
 
     app = create_app(settings, model=model, on_ready=on_ready)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, ws="websockets-sansio",
+    config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, ws="websockets-sansio",
                             lifespan="on", log_config=None, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=10)
     server = _Server(config)

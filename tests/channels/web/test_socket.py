@@ -131,6 +131,19 @@ async def test_session_endpoint_continues_only_with_a_previous_token(server: Liv
         assert css.status_code == 200 and "text/css" in css.headers["content-type"]
 
 
+@shared
+async def test_session_tokens_are_rate_limited_per_client(server: LiveServer) -> None:
+    channel = server.channel
+    before = channel.sessions_per_minute
+    channel.sessions_per_minute = 2
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            codes = [(await http.post("/chat/session", json={})).status_code for _ in range(3)]
+        assert codes == [200, 200, 429]
+    finally:
+        channel.sessions_per_minute = before
+
+
 # --------------------------------------------------------------------------- auth
 
 
@@ -420,3 +433,28 @@ async def test_server_restart_closes_1012_and_the_conversation_continues(
         confirm = messages(await resumed.say("it arrived damaged"))
         assert "129.00" in confirm[-1]["text"]
 
+
+
+async def test_channel_stop_lets_the_turn_finish_then_closes_1012(
+        live_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    info = await new_session(live_server.url)
+    client, _ = await ChatClient.start(live_server.ws_url, info["token"])
+    model = live_server.context.engine.model
+    route = model.route
+
+    async def slow_route(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await route(*args, **kwargs)
+
+    monkeypatch.setattr(model, "route", slow_route)
+    await client.send({"type": "message", "id": "last", "text": "I want a refund"})
+    assert await client.recv() == {"type": "typing", "on": True}
+    await live_server.channel.stop()  # what a non-uvicorn shutdown relies on
+    code, frames = await client.closed()
+    assert code == 1012
+    # The turn finished first: its ack and replies were sent before the close.
+    assert [f["id"] for f in frames if f["type"] == "ack"] == ["last"]
+    assert messages(frames)[0]["kind"] == "disclosure"
+    late = await ChatClient.open(live_server.ws_url)
+    code, _ = await late.closed()
+    assert code == 1012  # a stopping channel turns new sockets away

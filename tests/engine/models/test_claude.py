@@ -438,6 +438,17 @@ async def test_a_200_that_is_not_a_message_is_an_output_error(
     assert model.usage.calls == 0
 
 
+async def test_content_that_is_not_blocks_is_an_output_error(
+    fake: FakeClaude, claude: ClaudeModel, demo_flows: FlowSet
+) -> None:
+    fake.enqueue(RawReply(200, {
+        "id": "msg_01", "type": "message", "role": "assistant", "model": "claude-sonnet-5",
+        "content": [1, "record_decision", None], "stop_reason": "tool_use",
+        "usage": {"input_tokens": 3, "output_tokens": 1}}))
+    with pytest.raises(ModelOutputError, match="did not call record_decision"):
+        await claude.decide(confirm_request(demo_flows))
+
+
 async def test_a_message_without_usage_still_decides(
     fake: FakeClaude, claude: ClaudeModel, demo_flows: FlowSet
 ) -> None:

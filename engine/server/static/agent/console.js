@@ -28,6 +28,8 @@
     lastText: new Map(),            // conversation id -> last customer text
     fresh: new Set(),
     mode: "reply", showEvents: false,
+    drafts: new Map(),              // conversation id -> unsent text
+    told: new Map(),                // conversation id -> when a live update toasted it
     ws: null, wsRetry: 0, wsTimer: null, loadSeq: 0,
   };
 
@@ -47,6 +49,20 @@
       el.append(c instanceof Node ? c : document.createTextNode(String(c)));
     }
     return el;
+  }
+
+  function icon(paths) {
+    const ns = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("viewBox", "0 0 24 24");
+    svg.setAttribute("class", "empty-icon");
+    svg.setAttribute("aria-hidden", "true");
+    for (const d of paths) {
+      const path = document.createElementNS(ns, "path");
+      path.setAttribute("d", d);
+      svg.append(path);
+    }
+    return svg;
   }
 
   function duration(seconds) {
@@ -258,9 +274,13 @@
     if (msg.agent && msg.agent !== state.agent && before.owner !== conv.owner) {
       const who = capital(msg.agent);
       const what = { claim: "claimed", hand_back: "handed back", resolve: "resolved" }[msg.action];
-      if (what) toast(`${who} ${what} this conversation.`);
+      if (what) {
+        toast(`${who} ${what} this conversation.`);
+        state.told.set(conv.id, Date.now());
+      }
     } else if (msg.action === "timeout") {
       toast("Nobody claimed it in time: the bot took over and offered a callback.");
+      state.told.set(conv.id, Date.now());
     }
     renderConversation();
   }
@@ -296,7 +316,8 @@
       const text = state.filter === "mine" ? "You have no conversations right now."
         : "All quiet. New handoffs appear here the moment they happen.";
       box.append(h("div", { class: "empty-state", "data-testid": "queue-empty" },
-        h("div", { class: "empty-icon", "aria-hidden": "true" }, "☕"),
+        icon(["M18 8h1a4 4 0 0 1 0 8h-1", "M2 8h16v9a4 4 0 0 1-4 4H6a4 4 0 0 1-4-4V8z",
+          "M6 1v3", "M10 1v3", "M14 1v3"]),
         h("h3", {}, "Nothing waiting"), h("p", {}, text)));
       return;
     }
@@ -380,11 +401,16 @@
 
   function select(id) {
     if (id === state.selected) return;
+    const input = $("composer-input");
+    if (state.selected) state.drafts.set(state.selected, input.value);
+    input.value = state.drafts.get(id) || "";
+    state.drafts.delete(id);
     state.selected = id;
     state.detail = null;
     state.records = new Map();
     state.unread.delete(id);
     closeConfirms();
+    setMode("reply");
     watch();
     renderQueue();
     renderConversation();
@@ -635,13 +661,25 @@
       return true;
     } catch (err) {
       if (err.status === 409) {
-        toast(err.message.replace(/^cannot \S+ conversation \S+: /, "Not possible: "), "error");
-        loadConversation(id, { quiet: true });
+        // Someone else got there first: show the current state, and say so
+        // unless a live update just did.
+        await loadConversation(id, { quiet: true });
+        if (Date.now() - (state.told.get(id) || 0) > 5000) toast(conflictText(err), "error");
       } else if (err.status !== 401) {
         toast(err.message, "error");
       }
       return false;
     }
+  }
+
+  function conflictText(err) {
+    const c = state.detail && state.detail.conversation;
+    if (c && c.owner === "human" && c.owner_agent !== state.agent) {
+      return `${capital(c.owner_agent)} is already handling this conversation.`;
+    }
+    if (c && c.owner === "bot") return "The bot has this conversation now.";
+    if (c && c.owner === "resolved") return "This conversation is already resolved.";
+    return err.message.replace(/^cannot \S+ conversation \S+: /, "Not possible: ");
   }
 
   async function claim() {
@@ -672,13 +710,17 @@
     if (await act("hand_back", { note }, "Handed back to the bot.")) {
       $("handback-note").value = "";
       closeConfirms();
+      setMode("reply");
     }
   });
   $("handback-note").addEventListener("keydown", (ev) => {
     if (ev.key === "Enter") { ev.preventDefault(); $("handback-confirm").click(); }
   });
   $("resolve-confirm").addEventListener("click", async () => {
-    if (await act("resolve", {}, "Conversation resolved.")) closeConfirms();
+    if (await act("resolve", {}, "Conversation resolved.")) {
+      closeConfirms();
+      setMode("reply");
+    }
   });
 
   // -- composer -------------------------------------------------------------------------
@@ -797,6 +839,10 @@
   $("help-button").addEventListener("click", () => { $("help").hidden = false; });
   $("help").addEventListener("click", (ev) => {
     if (ev.target === $("help") || ev.target.hasAttribute("data-close")) $("help").hidden = true;
+  });
+
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden && state.selected && state.unread.delete(state.selected)) renderQueue();
   });
 
   // -- boot -----------------------------------------------------------------------------
