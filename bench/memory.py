@@ -42,6 +42,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -302,6 +303,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def dumps(result: dict[str, Any]) -> str:
+    """Indented JSON with the per-turn rows one line each."""
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    return re.sub(r"\{\n\s+\"turn\": [^{}]*?\n\s+\}",
+                  lambda m: re.sub(r"\s*\n\s*", " ", m.group(0)), text) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--latency", type=float, default=0.2,
@@ -311,8 +319,7 @@ def main() -> int:
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n",
-                           encoding="utf-8")
+    args.output.write_text(dumps(result), encoding="utf-8")
     table = markdown(result)
     args.output.with_suffix(".md").write_text(table, encoding="utf-8")
     print(table)

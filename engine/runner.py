@@ -211,11 +211,6 @@ class Engine:
         The replies are sent through the channel's registered sender (if any)
         after the turn is committed, and also returned.
         """
-        if inbound.channel_message_id is not None and await self.store.seen(
-            inbound.key.channel, inbound.channel_message_id
-        ):
-            self.stats["duplicates"] += 1
-            return TurnResult("", duplicate=True)
         lock_key = str(inbound.key)
         await self._locks.acquire(lock_key)
         try:
@@ -276,6 +271,13 @@ class Engine:
 
     async def _handle_locked(self, inbound: Inbound, deliver: bool) -> TurnResult:
         started = time.perf_counter()
+        # A redelivery that queued behind the original on the lock must not
+        # replay the turn (model calls, side effects): check again.
+        if inbound.channel_message_id is not None and await self.store.seen(
+            inbound.key.channel, inbound.channel_message_id
+        ):
+            self.stats["duplicates"] += 1
+            return TurnResult("", duplicate=True)
         for attempt in range(self.max_retries_on_conflict + 1):
             conv = await self.store.load(inbound.key)
             if conv is None:
@@ -427,7 +429,11 @@ class Engine:
         cut = starts[-keep_turns]  # first seq kept verbatim (a customer message)
         folded = history_items([r for r in records if r.seq < cut])
         flow = self.flows.flows.get(conv.flow) if conv.flow else None
-        request = SummaryRequest(flow=flow, previous=conv.summary, turns=folded,
+        # The language line is added below; a summariser that keeps the previous
+        # summary's lines (the extractive one) would otherwise repeat it.
+        previous = "\n".join(line for line in conv.summary.splitlines()
+                             if not line.startswith("Customer language:"))
+        request = SummaryRequest(flow=flow, previous=previous, turns=folded,
                                  language=conv.language,
                                  pinned={k: v["v"] for k, v in conv.entities.items()},
                                  conversation_id=conv.id)

@@ -214,7 +214,11 @@ class TurnCore:
                     inbound.channel_message_id)
         detected = detect_language(inbound.text) if inbound.kind == "text" else None
         if detected and _has_words(self.norm):
-            conv.language = detected
+            # A Chinese customer typing "ok 确认" is still a Chinese customer:
+            # a mixed message keeps a clear earlier language.
+            if not (detected == "mixed" and conv.language in ("zh", "en")
+                    and conv.counters.get("turn", 0) > 0):
+                conv.language = detected
         if not conv.counters.get("disclosed"):
             # The disclosure is part of the conversation record, not a channel
             # nicety: it is sent (and stored) before any other bot message.
@@ -224,12 +228,15 @@ class TurnCore:
         if conv.owner in ("pending_human", "human"):
             self.out.muted = True
             return self.finish()
-        if conv.owner == "resolved" or self.ended():
-            self.restart()
-
         if inbound.kind == "rating":
+            # Ratings usually follow the end of a journey: judge them in that
+            # journey's flow (its threshold, its handoff state), not a new one.
+            if conv.owner == "resolved":
+                self.restart()
             self.rating(inbound.rating)
             return self.finish()
+        if conv.owner == "resolved" or self.ended():
+            self.restart()
 
         conv.counters["turn"] = conv.counters.get("turn", 0) + 1
         if asks_for_human(self.norm):

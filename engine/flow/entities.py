@@ -1923,6 +1923,14 @@ class EnumEntity(EntityType):
         self._longest_stem = max(map(len, self._tolerance), default=0)
         self._fuzzy_cache: dict[str, dict[str, int]] = {}
 
+    def label(self, value: object, language: str) -> str:
+        """The customer-facing label of a canonical value (``language``: en or zh)."""
+        spec = self.options.values.get(str(value))
+        if spec is None:
+            return str(value)
+        text = spec.label.zh if language == "zh" else spec.label.en
+        return text or spec.label.en or str(value)
+
     def parse(self, value: object, *, today: date | None = None) -> str:
         text = _clean_text_value(self.name, value, allow_int=True)
         canonical = self._by_key.get(_key(text))

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anthropic
@@ -377,6 +377,17 @@ class ClaudeModel(Model):
             tool["input_schema"]["required"] = [*tool["input_schema"]["required"], "pinned"]
         tool["cache_control"] = {"type": "ephemeral"}
         messages = self.fit(flow, system, self.messages(request.history, request.text), [tool])
+        # Still over the budget with only the current question left: the running summary
+        # gives way next, oldest lines first (its language line, the pinned facts and the
+        # question never do).
+        spec = flow.spec.summary
+        budget = budget_tokens(spec.max_context_tokens, spec.safety_margin)
+        lines = request.summary.splitlines()
+        keep = 1 if lines and lines[0].startswith("Customer language:") else 0
+        while len(messages) == 1 and self.last_request_tokens > budget and len(lines) > keep:
+            del lines[keep]
+            system = self.system_blocks(replace(request, summary="\n".join(lines)))
+            messages = self.fit(flow, system, messages, [tool])
         if len(messages) >= 3:
             # A second breakpoint caches the conversation prefix across turns.
             last = messages[-2]["content"][-1]

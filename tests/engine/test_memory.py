@@ -683,6 +683,25 @@ async def test_a_failed_summary_falls_back_to_the_extractive_one(
     assert outcome.outbound  # the conversation goes on
 
 
+async def test_the_running_summary_states_the_language_once(
+    flows: FlowSet, actions: ActionRegistry
+) -> None:
+    # Regression: the previous summary went to the summariser with the engine's language
+    # line, and the extractive summary, which keeps previous lines, repeated it.
+    model = Scripted(summary=lambda r: extractive_summary(r.previous, r.turns, r.pinned))
+    chat = chat_with(flows, actions, model)
+    for n in range(8):
+        await chat.say(f"question number {n}?")
+        await asyncio.sleep(0)
+    await chat.engine.drain()
+    assert len(model.summary_requests) == 2
+    assert model.summary_requests[1].previous == ("- customer: question number 0?\n"
+                                                  "- customer: question number 1?")
+    assert (await chat.conv()).summary == (
+        "Customer language: en\n"
+        + "\n".join(f"- customer: question number {n}?" for n in range(4)))
+
+
 async def test_an_unexpected_summary_error_costs_context_not_the_conversation(
     flows: FlowSet, actions: ActionRegistry
 ) -> None:

@@ -141,6 +141,7 @@ async def fake_slack() -> AsyncIterator[FakeSlack]:
 async def slack_factory(tmp_path: Path, fake_slack: FakeSlack) -> AsyncIterator[SlackFactory]:
     """Start servers with ``await factory(rate=..., **settings_overrides)``."""
     started: list[LiveServer] = []
+    senders: list[SlackEvents] = []
 
     async def factory(*, rate: float = 50.0, **overrides: Any) -> SlackHarness:
         values: dict[str, Any] = {
@@ -164,6 +165,7 @@ async def slack_factory(tmp_path: Path, fake_slack: FakeSlack) -> AsyncIterator[
             harness.sent.append(message)
 
         live.context.app.engine.register_sender("test", record)
+        senders.append(harness.events)
         return harness
 
     try:
@@ -171,6 +173,8 @@ async def slack_factory(tmp_path: Path, fake_slack: FakeSlack) -> AsyncIterator[
     finally:
         for live in reversed(started):
             await live.stop()
+        for events in senders:
+            await events.aclose()
 
 
 @pytest.fixture

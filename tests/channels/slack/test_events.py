@@ -4,6 +4,7 @@ to the fake Slack Web API."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -161,7 +162,7 @@ async def test_the_bots_own_and_other_non_human_messages_are_ignored(slack: Slac
         assert (await events.send(envelope)).status_code == 200
     await slack.settle()
     assert await slack.store.conversations() == []
-    assert slack.fake.posted() == []
+    assert slack.fake.calls_to("chat.postMessage") == []
 
 
 # -- text safety --------------------------------------------------------------------------------
@@ -175,12 +176,12 @@ def assert_inert(text: str) -> None:
 
 async def test_customer_text_in_a_template_cannot_mention_or_link(slack: SlackHarness) -> None:
     # As Slack delivers what the customer typed literally, plus real mentions.
-    typed = "&lt;!channel&gt; &lt;@U123&gt; &lt;https://evil.example|bank&gt; &amp; co"
+    typed = "tell &lt;!channel&gt; &lt;@U123&gt; &lt;https://evil.example|bank&gt; &amp; co"
     envelope = await slack.say(typed + " <!here> <@U0BOT>")
     noted = slack.fake.posted(SUPPORT, thread_ts=envelope["event"]["ts"])[1]["text"]
     assert_inert(noted)
     assert "&lt;@U123&gt;" in noted and "&lt;https://evil.example|bank&gt;" in noted
-    assert from_slack(noted) == f"Noted: {INJECTION} @here @U0BOT"
+    assert from_slack(noted) == f"Noted: tell {INJECTION} @here @U0BOT"
 
 
 async def test_a_model_reply_cannot_mention_or_link(slack: SlackHarness) -> None:
@@ -220,11 +221,11 @@ async def press(slack: SlackHarness, message: dict[str, Any], action_id: str,
 async def test_rating_buttons_record_the_rating_once(slack: SlackHarness) -> None:
     envelope = await slack.say("water the plants")
     root = envelope["event"]["ts"]
-    prompt = slack.fake.posted(SUPPORT)[-1]
+    prompt = copy.deepcopy(slack.fake.posted(SUPPORT)[-1])  # as the customer's client shows it
     assert [e["action_id"] for e in prompt["blocks"][1]["elements"]] == [
         f"hl_rate_{n}" for n in range(1, 6)]
     await press(slack, prompt, "hl_rate_5")
-    await press(slack, prompt, "hl_rate_1")  # a second press on the same prompt
+    await press(slack, prompt, "hl_rate_1")  # a double click before the buttons went away
     conv = await slack.conv(SUPPORT, root)
     ratings = [r for r in await slack.store.messages(conv.id) if r.kind == "rating"]
     assert [r.data["rating"] for r in ratings] == [5]

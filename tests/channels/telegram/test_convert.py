@@ -151,7 +151,7 @@ def test_unknown_digest_falls_back_to_the_tapped_label() -> None:
 def test_chat_and_membership_updates() -> None:
     assert chat_id_of(message_update()) == 42
     assert chat_id_of(callback_update("r:1")) == 42
-    member = {"chat": {"id": 42, "type": "private"},
+    member: dict[str, Any] = {"chat": {"id": 42, "type": "private"},
               "from": {"id": 42, "is_bot": False, "first_name": "Ada"}, "date": 1,
               "old_chat_member": {"status": "member", "user": {"id": BOT, "is_bot": True,
                                                                "first_name": "B"}},
