@@ -79,6 +79,8 @@ MAX_WEBHOOK_BODY = 1 << 20
 STOP_TIMEOUT = 20.0
 #: Poll-loop backoff after errors, seconds (doubling up to the cap).
 POLL_BACKOFF = (1.0, 30.0)
+#: Updates one chat may have waiting for its turn; more are dropped (a flood, not a customer).
+MAX_QUEUED_PER_CHAT = 50
 
 #: Bot ids polled by this process (one poller per token).
 _pollers: set[int] = set()
@@ -125,7 +127,8 @@ class TelegramChannel:
         self._poller: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.stopping = False
-        self.stats = {"updates": 0, "ignored": 0, "duplicates": 0, "rejected": 0}
+        self.stats = {"updates": 0, "ignored": 0, "duplicates": 0, "rejected": 0,
+                      "overflow": 0}
 
     @property
     def engine(self) -> Any:
@@ -146,6 +149,9 @@ class TelegramChannel:
             self._poller = asyncio.create_task(self._poll(), name=f"telegram-poll-{self.bot_id}")
         elif self.config.public_url:
             await self._set_webhook(self.config.public_url.rstrip("/") + WEBHOOK_PATH)
+        else:
+            logger.warning("telegram: webhook mode without public_url: call setWebhook with "
+                           "url=<public URL>%s and secret_token yourself", WEBHOOK_PATH)
         logger.info("telegram: bot %s started (%s)", self.bot_id, self.config.mode)
 
     async def stop(self) -> None:
@@ -181,6 +187,11 @@ class TelegramChannel:
         if chat is None or self.stopping:
             self.stats["ignored"] += 1
             return
+        if self._turns.pending(chat) >= MAX_QUEUED_PER_CHAT:
+            self.stats["overflow"] += 1
+            logger.warning("telegram: chat %s has %d updates waiting; update %s dropped", chat,
+                           MAX_QUEUED_PER_CHAT, update.update_id)
+            return
         self._turns.submit(chat, update)
 
     async def webhook(self, request: Request) -> Response:
@@ -191,6 +202,9 @@ class TelegramChannel:
             return PlainTextResponse("unauthorized", status_code=401)
         if self.stopping:  # Telegram retries non-2xx answers; the next instance takes it
             return PlainTextResponse("restarting", status_code=503)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_WEBHOOK_BODY:
+            return PlainTextResponse("too large", status_code=413)
         body = await request.body()
         if len(body) > MAX_WEBHOOK_BODY:
             return PlainTextResponse("too large", status_code=413)
@@ -243,7 +257,7 @@ class TelegramChannel:
     async def _process(self, chat: int, update: Update) -> None:
         """One update of one chat, in order (runs on the chat's worker)."""
         if blocked_chat(update) is not None:
-            self.sender.blocked.add(chat)
+            self.sender.block(chat)
             await self._close_conversation(chat)
             return
         if unblocked_chat(update) is not None:

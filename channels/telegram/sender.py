@@ -84,6 +84,13 @@ class TelegramSender:
         self.payloads.remember(out.quick_replies)
         self._workers.submit(chat, out)
 
+    def block(self, chat: int) -> int:
+        """The user blocked the bot: drop what is queued for the chat; returns how many."""
+        self.blocked.add(chat)
+        dropped = self._workers.discard(chat)
+        self.stats["dropped"] += dropped
+        return dropped
+
     def unblock(self, chat: int) -> None:
         """The user wrote (or restarted the bot): sending works again."""
         self.blocked.discard(chat)
@@ -153,9 +160,8 @@ class TelegramSender:
         return False
 
     async def _blocked(self, chat: int, out: Outbound, exc: TelegramForbiddenError) -> None:
-        self.blocked.add(chat)
-        dropped = self._workers.discard(chat)
-        self.stats["dropped"] += dropped + 1
+        dropped = self.block(chat)
+        self.stats["dropped"] += 1
         logger.info("telegram: chat %s blocked the bot (%s); %d queued messages dropped",
                     chat, exc.message, dropped)
         try:

@@ -335,6 +335,40 @@ async def test_decide_asks_for_the_pinned_echo_on_check_turns_and_caches_the_pre
         third["system"], third["messages"], third["tools"])
 
 
+async def test_a_long_summary_gives_way_after_the_verbatim_turns(
+    fake: FakeClaude, claude: ClaudeModel, tmp_path: Path
+) -> None:
+    # Regression: only verbatim turns were trimmed, so a long running summary (here the
+    # extractive fallback of a Chinese conversation with long messages) pushed the
+    # request over the budget however little of the transcript was left.
+    flows = load_flows(flow_copy(tmp_path, max_context_tokens=3000), ROOT / "prompts",
+                       build_actions(Shop()).names())
+    lines = [f"- customer: 第{n}个问题，" + "我想详细了解一下你们的配送政策和退货流程" * 7
+             for n in range(12)]
+    summary = "Customer language: zh\n" + "\n".join(lines)
+    question = "顺便问一下，" + "退款多久能到账，" * 20 + "？"
+    request = decision_request(flows, language="zh", summary=summary, text=question,
+                               history=transcript(3))
+    fake.enqueue_tool_use("record_decision", {"reply": "好的", "entities": {},
+                                              "transition": None, "satisfaction": 4,
+                                              "wants_human": False})
+    await claude.decide(request)
+    sent = fake.last_request
+    assert claude.last_request_tokens == estimate_request_tokens(
+        sent["system"], sent["messages"], sent["tools"])
+    assert claude.last_request_tokens <= budget_tokens(3000, 0.2)
+    # Verbatim turns went first, then the oldest summary lines; the language line, the
+    # newest summary lines, the pinned facts and the question stayed.
+    assert len(sent["messages"]) == 1
+    assert sent["messages"][0]["content"][-1]["text"] == question
+    shown = sent["system"][1]["text"]
+    assert "Summary of the conversation so far:\nCustomer language: zh\n- customer: 第" in shown
+    assert lines[-1] in shown and lines[0] not in shown
+    kept = [line for line in lines if line in shown]
+    assert kept == lines[len(lines) - len(kept):] and kept
+    assert known_facts(shown) == {"order_id": ORDER_SMALL, "reason": "damaged"}
+
+
 # --- the memory check and off-topic turns in the turn core ---------------------------------------
 
 

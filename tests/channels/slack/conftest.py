@@ -15,7 +15,7 @@ rating buttons, which is what escaping and rating tests need.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -84,7 +84,6 @@ class SlackHarness:
     events: SlackEvents
     #: What the recording ``test`` channel sender received (a non-Slack customer).
     sent: list[Outbound] = field(default_factory=list)
-    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     @property
     def slack(self) -> SlackChannel:
@@ -119,7 +118,7 @@ class SlackHarness:
         """A message of a customer on another channel (``test``; replies are recorded)."""
         before = len(self.sent)
         inbound = Inbound(ConversationKey("test", "shop", thread), text, f"demo:{thread}",
-                          datetime.now(UTC), channel_message_id=f"w{next(self._ids)}", **extra)
+                          datetime.now(UTC), channel_message_id=f"w-{uuid.uuid4().hex}", **extra)
         await self.live.context.app.engine.handle(inbound)
         await self.settle()
         return self.sent[before:]

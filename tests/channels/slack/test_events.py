@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -34,7 +35,7 @@ from tests.channels.slack.conftest import (
     SlackHarness,
     eventually,
 )
-from tests.fakes.slack_api import APP_TOKEN, BOT_ID, BOT_TOKEN, BOT_USER_ID, SIGNING_SECRET
+from tests.fakes.slack_api import APP_TOKEN, BOT_ID, BOT_TOKEN, BOT_USER_ID
 
 INJECTION = "<!channel> <@U123> <https://evil.example|bank> & co"
 
@@ -283,11 +284,11 @@ async def test_about_one_message_per_second_per_channel(slack: SlackHarness) -> 
     support, other = times(SUPPORT), times("C0OTHER")
     assert len(support) == len(other) == 3
     for sent in (support, other):
-        assert all(b - a >= 0.95 for a, b in zip(sent, sent[1:], strict=False))
+        assert all(b - a >= 0.95 for a, b in itertools.pairwise(sent))
     assert abs(support[0] - other[0]) < 0.5  # channels do not wait for each other
 
 
-# -- configuration and Socket Mode -----------------------------------------------------------------
+# -- configuration and Socket Mode -------------------------------------------------------------
 
 
 def context(**settings: Any) -> ServerContext:

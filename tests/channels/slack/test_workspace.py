@@ -170,7 +170,6 @@ async def test_threads_survive_a_restart(slack_factory: SlackFactory) -> None:
     await agent_says(second, root, "still here", ALICE)
     assert second.sent[-1].text == "still here"
     await second.web_customer("you are back!")
-    print([(c.method, c.params.get("text"), c.params.get("thread_ts"), c.error) for c in second.fake.calls][-6:], root["ts"])
     assert thread_texts(second, root)[-1] == ":bust_in_silhouette: *Customer:* you are back!"
 
 

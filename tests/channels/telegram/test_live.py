@@ -63,8 +63,7 @@ async def test_refund_journey_over_long_polling(telegram_server: LiveServer, cus
     assert done in answer[0].text
     # The tap was answered (the client's spinner stops) and the spent keyboard removed.
     assert len(customer.tg.answered) == 1
-    assert customer.tg.messages(customer.chat)[len(customer.seen) - len(answer) - 1
-                                               ].reply_markup is None
+    assert read_back.reply_markup is None
     # The journey ends with the 1-5 rating as one keyboard row.
     rating = answer[-1]
     assert [b["callback_data"] for b in rating.buttons()] == [f"r:{n}" for n in range(1, 6)]
@@ -104,7 +103,7 @@ async def test_rating_is_answered_recorded_once(telegram_server: LiveServer,
     thanks = await customer.tap(data="r:5", message_id=prompt.message_id)
     assert [m.text for m in thanks] == ["Thank you for your feedback!"]
     assert len(customer.tg.answered) == 2
-    assert customer.tg.messages(customer.chat)[-2].reply_markup is None  # keyboard removed
+    assert prompt.reply_markup is None  # the spent keyboard was removed
     # The same prompt tapped again (a stale client): answered, but rated only once.
     again = await customer.tap(data="r:4", message_id=prompt.message_id)
     assert again == []
@@ -174,17 +173,17 @@ async def test_retry_after_is_honoured_in_order(telegram_server: LiveServer,
     desk = telegram_server.context.desk
     await desk.claim(conv.id, "alice")
     tg = customer.tg
-    tg.fail_sends(2, retry_after=1, chat_id=customer.chat)
+    tg.fail_sends(1, retry_after=1, chat_id=customer.chat)
     before = len(customer.seen)
     started = time.monotonic()
     for n in range(1, 4):
         await desk.reply(conv.id, "alice", f"message {n}")
     await telegram_server.settle()
-    assert time.monotonic() - started >= 2.0  # two 429s of one second each were waited out
+    assert time.monotonic() - started >= 1.0  # the 429's retry_after was waited out
     assert [m.text for m in customer.seen[before:]] == ["message 1", "message 2", "message 3"]
-    statuses = [c.status for c in tg.calls_to("sendMessage")][-5:]
-    assert statuses == [429, 429, 200, 200, 200]
-    assert telegram_server.channel.sender.stats["retried"] == 2
+    statuses = [c.status for c in tg.calls_to("sendMessage")][-4:]
+    assert statuses == [429, 200, 200, 200]
+    assert telegram_server.channel.sender.stats["retried"] == 1
 
 
 async def test_blocked_bot_closes_the_conversation(telegram_server: LiveServer,

@@ -1015,7 +1015,8 @@ def test_hostile_text_never_crashes_and_stays_fast(text: str) -> None:
         started = time.perf_counter()
         matches = entity.extract(text, today=TODAY)
         elapsed = time.perf_counter() - started
-        assert elapsed < 0.25, f"{entity.name} took {elapsed:.3f}s"
+        # Catastrophic backtracking takes minutes; this bound only catches that.
+        assert elapsed < 3.0, f"{entity.name} took {elapsed:.3f}s"
         for match in matches:
             assert 0 <= match.start <= match.end <= len(text)
             assert 0.0 <= match.confidence <= 1.0

