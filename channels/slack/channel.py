@@ -243,8 +243,8 @@ class SlackChannel:
     async def _press_turn(self, inbound: Inbound, press: ButtonPress) -> None:
         if press.blocks:  # show the choice in place of the buttons
             self.poster.post({"channel": press.channel, "ts": press.message_ts,
-                              "text": inbound.text, "blocks": chosen_blocks(press)},
-                             method="chat.update")
+                              "text": press.text or inbound.text,
+                              "blocks": chosen_blocks(press)}, method="chat.update")
         await self._turn(inbound)
 
     # -- the engine sender -----------------------------------------------------------------

@@ -181,6 +181,8 @@ class ButtonPress:
     action_ts: str
     #: The message's blocks as Slack sent them (to replace the buttons after a press).
     blocks: tuple[Mapping[str, Any], ...] = ()
+    #: The message's (fallback) text.
+    text: str = ""
 
     @property
     def root(self) -> str:
@@ -215,7 +217,8 @@ def parse_button_press(body: Mapping[str, Any]) -> ButtonPress | None:
         action_id=str(action["action_id"]), value=str(action.get("value") or ""),
         action_ts=str(action.get("action_ts") or ""),
         blocks=tuple(b for b in blocks if isinstance(b, Mapping))
-        if isinstance(blocks, list) else ())
+        if isinstance(blocks, list) else (),
+        text=str(message.get("text") or ""))
 
 
 def inbound_from_press(press: ButtonPress, now: datetime) -> Inbound | None:
@@ -288,11 +291,12 @@ def from_slack(text: str) -> str:
 
 _MD_LINK = re.compile(r"\[([^\[\]\n]{1,300})\]\((https?://[^\s()<>]{1,2000})\)")
 _CODE = re.compile(r"```.*?```|`[^`\n]+`", re.DOTALL)
+# Spans are bounded (300 characters) so a line full of unmatched markers stays linear.
 _INLINE = re.compile(
-    r"\*\*(?=\S)(?P<b1>.+?)(?<=\S)\*\*"  # **bold**
-    r"|__(?=\S)(?P<b2>.+?)(?<=\S)__"  # __bold__
-    r"|~~(?=\S)(?P<s>.+?)(?<=\S)~~"  # ~~strike~~
-    r"|(?<![*\w])\*(?=[^\s*])(?P<i>[^*\n]+?)(?<=\S)\*(?![*\w])"  # *italic*
+    r"\*\*(?=\S)(?P<b1>.{1,300}?)(?<=\S)\*\*"  # **bold**
+    r"|__(?=\S)(?P<b2>.{1,300}?)(?<=\S)__"  # __bold__
+    r"|~~(?=\S)(?P<s>.{1,300}?)(?<=\S)~~"  # ~~strike~~
+    r"|(?<![*\w])\*(?=[^\s*])(?P<i>[^*\n]{1,300}?)(?<=\S)\*(?![*\w])"  # *italic*
 )
 _HEADING = re.compile(r"^#{1,6}[ \t]+(.+?)[ \t]*#*[ \t]*$", re.MULTILINE)
 _BULLET = re.compile(r"^([ \t]*)[-*+][ \t]+", re.MULTILINE)

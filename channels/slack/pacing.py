@@ -26,7 +26,7 @@ from typing import Any
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-__all__ = ["ChannelPoster", "SerialWorkers", "TokenBucket"]
+__all__ = ["ChannelPoster", "Job", "SerialWorkers", "TokenBucket"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class ChannelPoster:
         self.rate = rate
         self.burst = burst
         self._lanes: dict[str, _Lane] = {}
+        self._closed = False
         self.failures = 0
 
     def post(self, args: dict[str, Any],
@@ -106,6 +107,10 @@ class ChannelPoster:
         channel = str(args["channel"])
         future: asyncio.Future[dict[str, Any] | None] = \
             asyncio.get_running_loop().create_future()
+        if self._closed:
+            logger.warning("slack %s to %s after shutdown; dropped", method, channel)
+            future.set_result(None)
+            return future
         lane = self._lanes.get(channel)
         if lane is None:
             if len(self._lanes) >= MAX_IDLE_LANES:
@@ -173,7 +178,8 @@ class ChannelPoster:
             await asyncio.wait(workers, timeout=remaining)
 
     async def close(self, timeout: float = 10.0) -> None:
-        """Send what is queued (up to ``timeout``), then cancel the rest."""
+        """Send what is queued (up to ``timeout``), then cancel the rest; refuse new calls."""
+        self._closed = True
         await self.flush(timeout)
         for lane in self._lanes.values():
             if lane.worker is not None and not lane.worker.done():

@@ -199,11 +199,13 @@ class AgentsWorkspace:
         self._by_conversation: dict[str, Thread] = {}
         self._by_ts: dict[str, str] = {}
         self._scanned = False
+        self._started = slack.engine.clock()
         self.jobs = SerialWorkers("slack-desk")
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._started = self.engine.clock()
         self.engine.subscribe(self.on_event)
         self.jobs.submit("_resync", self.resync)
 
@@ -259,9 +261,18 @@ class AgentsWorkspace:
             if isinstance(blocks, list) else []
         return Thread(conversation_id, ts, fixed)
 
+    def forget(self, conversation_id: str) -> None:
+        """Drop a finished handoff's thread (a later handoff gets a new one)."""
+        thread = self._by_conversation.pop(conversation_id, None)
+        if thread is not None:
+            self._by_ts.pop(thread.ts, None)
+
     async def scan(self) -> None:
-        """Learn the threads of the channel's recent history (newest thread wins)."""
-        self._scanned = True
+        """Learn the threads of the channel's recent history (newest thread wins).
+
+        Runs once per process (when the first page could be read): after it,
+        every thread this process opens is remembered as it is posted.
+        """
         cursor: str | None = None
         found: list[Thread] = []
         for _ in range(SCAN_PAGES):
@@ -271,7 +282,8 @@ class AgentsWorkspace:
                 args["cursor"] = cursor
             data = await self._call(self.slack.client.conversations_history, **args)
             if data is None:
-                return
+                break
+            self._scanned = True
             for message in data.get("messages") or []:
                 thread = self._thread_of(message) if isinstance(message, Mapping) else None
                 if thread is not None:
@@ -280,20 +292,23 @@ class AgentsWorkspace:
             if not data.get("has_more") or not cursor:
                 break
         for thread in reversed(found):  # history is newest first; the newest must win
-            if thread.conversation_id not in self._by_conversation:
-                self._by_ts[thread.ts] = thread.conversation_id
-                self._by_conversation[thread.conversation_id] = thread
+            if thread.conversation_id in self._by_conversation:
+                self._by_ts.setdefault(thread.ts, thread.conversation_id)
             else:
                 self.remember(thread)
 
     async def resync(self) -> None:
-        """After a start: learn the threads, post waiting handoffs that have none."""
+        """After a start: learn the threads, post waiting handoffs that have none.
+
+        Only handoffs from before the start: later ones get their thread from
+        :meth:`on_event`, and posting them here too could post them twice.
+        """
         await self.scan()
         for item in await self.desk.queue():
             if item.conversation_id in self._by_conversation:
                 continue
             conv = await self.engine.store.load_by_id(item.conversation_id)
-            if conv is None:
+            if conv is None or conv.waiting_since is None or conv.waiting_since >= self._started:
                 continue
             meta = conv.results.get("_handoff", {})
             packet = HandoffPacket(
@@ -390,13 +405,16 @@ class AgentsWorkspace:
                                 "text": f"Handoff: conversation {conv.id}",
                                 "blocks": root_blocks(thread, conv.id, status, open_)},
                                method="chat.update")
+        if not open_:
+            self.forget(conv.id)
 
     # -- Slack in --------------------------------------------------------------------------
 
     async def on_press(self, press: ButtonPress) -> None:
         """Claim / Hand back / Resolve pressed on a thread root."""
         conversation_id = press.value
-        if press.message_ts not in self._by_ts and press.blocks:
+        if conversation_id not in self._by_conversation and press.blocks:
+            # Learned from the press itself (after a restart): the root and its blocks.
             self.remember(Thread(conversation_id, press.message_ts, _fixed(press.blocks)))
         agent = agent_id(press.user)
         try:

@@ -66,7 +66,7 @@ from channels.web.protocol import (
     stored_message_id,
 )
 from channels.web.session import SessionClaims, SessionSigner, TokenError, valid_site
-from engine.core.types import Outbound
+from engine.core.types import Outbound, TurnOutcome
 from engine.store.base import ConversationKey
 
 if TYPE_CHECKING:
@@ -203,6 +203,8 @@ class WebChannel:
         self._handlers: set[asyncio.Task[Any]] = set()
         self.sessions_per_minute = SESSIONS_PER_MINUTE
         self._session_limits: dict[str, RateLimiter] = {}
+        #: Customer frames being turned, by stored message id: who gets the ack.
+        self._awaiting: dict[str, Connection] = {}
         context.extras[CHANNEL] = self
 
     # -- plugin protocol -------------------------------------------------------
@@ -218,12 +220,14 @@ class WebChannel:
 
     async def start(self) -> None:
         self.engine.register_sender(CHANNEL, self.send_outbound)
+        self.engine.subscribe(self.on_committed)
 
     async def stop(self) -> None:
         """Let in-flight turns finish, then close every socket with 1012."""
         self.stopping = True
         if self._turns:
             await asyncio.wait(set(self._turns), timeout=STOP_TIMEOUT)
+        self.engine.unsubscribe(self.on_committed)
         for conn in [c for conns in self.sockets.values() for c in conns]:
             conn.close(CloseCode.SERVICE_RESTART, "server restart")
         if self._handlers:
@@ -236,6 +240,28 @@ class WebChannel:
         frame = frame_from_outbound(out, datetime.now(UTC))
         for conn in list(self.sockets.get(str(out.key), ())):
             conn.send(frame)
+
+    async def on_committed(self, event: Any) -> None:
+        """Engine subscriber: a committed turn stored customer messages; show them.
+
+        The socket that sent one gets its ``ack``, the other tabs of the session
+        the message itself. For this channel's turns it runs inside
+        ``Engine.handle`` before the replies are delivered; for turns the engine
+        put off (busy) and retries by itself, after them.
+        """
+        if not isinstance(event, TurnOutcome) or event.conversation.key.channel != CHANNEL:
+            return
+        key = event.conversation.key
+        for record in event.records:
+            if record.direction != "in" or record.channel_message_id is None:
+                continue
+            origin = self._awaiting.pop(record.channel_message_id, None)
+            session = key.thread
+            shown = frame_from_record(record, session)
+            if origin is not None and shown is not None and shown.id is not None:
+                origin.send(Ack(id=shown.id, seq=record.seq))
+            if shown is not None:
+                self.broadcast(key, shown, skip=origin)
 
     def broadcast(self, key: ConversationKey, frame: ServerFrame,
                   *, skip: Connection | None = None) -> None:
@@ -433,6 +459,8 @@ class WebChannel:
         conn.release([ready, *resume_frames(mode, records, claims.session, head)])
 
     def _unregister(self, conn: Connection) -> None:
+        for stored_id in [i for i, c in self._awaiting.items() if c is conn]:
+            del self._awaiting[stored_id]
         if conn.key is None:
             return
         conns = self.sockets.get(str(conn.key))
@@ -478,24 +506,23 @@ class WebChannel:
         inbound = inbound_from_frame(frame, key=key, customer=conn.claims.customer,
                                      session=session, now=datetime.now(UTC))
         stored_id = stored_message_id(session, frame.id)
+        self._awaiting[stored_id] = conn
         self.broadcast(key, Typing(on=True))
         try:
-            # Delivered below, after the ack: the customer's message comes first.
+            # The ack goes out from on_committed, inside handle; the replies are
+            # delivered here, after it, so the customer's message comes first.
             result = await self.engine.handle(inbound, deliver=False)
-            if result.duplicate or result.outcome is None:
+            if result.duplicate:
+                self._awaiting.pop(stored_id, None)
                 seq = await self._stored_seq(key, stored_id)
                 if seq is not None:
                     conn.send(Ack(id=frame.id, seq=seq))
-                return
-            record = next((r for r in result.outcome.records
-                           if r.direction == "in" and r.channel_message_id == stored_id), None)
-            if record is not None:
-                conn.send(Ack(id=frame.id, seq=record.seq))
-                shown = frame_from_record(record, session)
-                if shown is not None:  # the other tabs of this session
-                    self.broadcast(key, shown, skip=conn)
-            await self.engine.deliver(result.outbound)
+            elif result.outcome is not None:
+                await self.engine.deliver(result.outbound)
+            # Otherwise the engine put the turn off (busy) and sent a notice; it
+            # runs the turn again later, and on_committed acks it then.
         except Exception:
+            self._awaiting.pop(stored_id, None)
             logger.exception("web chat turn failed (conversation %s)", key)
             conn.send(error(ErrorCode.INTERNAL, "something went wrong; please try again",
                             id=frame.id))

@@ -58,6 +58,7 @@ __all__ = [
     "FrameError",
     "Limits",
     "MessageFrame",
+    "Notice",
     "Phase",
     "PingFrame",
     "Pong",
@@ -261,6 +262,14 @@ class Pong(_Frame):
     type: Literal["pong"] = "pong"
 
 
+class Notice(_Frame):
+    """A passing notice that is not part of the log (no ``seq``), e.g. "we're busy"."""
+
+    type: Literal["notice"] = "notice"
+    text: str
+    ts: str
+
+
 class Resync(_Frame):
     """The whole (recent) history: replace what the client shows."""
 
@@ -279,7 +288,7 @@ class ErrorFrame(_Frame):
     id: str | None = None
 
 
-ServerFrame = Ready | MessageFrame | Ack | Typing | Pong | Resync | ErrorFrame
+ServerFrame = Ready | MessageFrame | Ack | Typing | Pong | Resync | Notice | ErrorFrame
 
 
 def encode(frame: ServerFrame) -> str:
@@ -521,8 +530,14 @@ def _quick_item(payload: str, label: str | None = None) -> QuickReplyItem:
     return QuickReplyItem(label=label, payload=payload)
 
 
-def frame_from_outbound(out: Outbound, now: datetime) -> MessageFrame:
-    """A live message for the customer (bot reply, agent reply, notice)."""
+def frame_from_outbound(out: Outbound, now: datetime) -> MessageFrame | Notice:
+    """A live message for the customer (bot reply, agent reply, notice).
+
+    An outbound without a ``seq`` (0) is not in the log, e.g. the engine's
+    "we're busy, your message is queued" notice: it becomes a :class:`Notice`.
+    """
+    if out.seq <= 0:
+        return Notice(text=out.text, ts=_iso(now))
     return MessageFrame(seq=out.seq, author=_author(out.author), kind=_kind(out.kind),
                         text=out.text, ts=_iso(now),
                         quick_replies=[_quick_item(q.payload, q.label) for q in out.quick_replies])

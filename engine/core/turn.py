@@ -213,12 +213,12 @@ class TurnCore:
                     {"rating": inbound.rating} if inbound.rating is not None else None,
                     inbound.channel_message_id)
         detected = detect_language(inbound.text) if inbound.kind == "text" else None
-        if detected and _has_words(self.norm):
-            # A Chinese customer typing "ok 确认" is still a Chinese customer:
-            # a mixed message keeps a clear earlier language.
-            if not (detected == "mixed" and conv.language in ("zh", "en")
-                    and conv.counters.get("turn", 0) > 0):
-                conv.language = detected
+        # A Chinese customer typing "ok 确认" is still a Chinese customer: a
+        # mixed message keeps a clear earlier language.
+        keeps = detected == "mixed" and conv.language in ("zh", "en") \
+            and conv.counters.get("turn", 0) > 0
+        if detected and _has_words(self.norm) and not keeps:
+            conv.language = detected
         if not conv.counters.get("disclosed"):
             # The disclosure is part of the conversation record, not a channel
             # nicety: it is sent (and stored) before any other bot message.
@@ -265,7 +265,7 @@ class TurnCore:
         conv.results = {}
         # The satisfaction streak survives: a customer who stays angry across
         # journeys still reaches a human.
-        keep = {"disclosed", "turn", "low_estimate"}
+        keep = {"disclosed", "turn", "low_estimate", "summary_seq", "summary_turn"}
         conv.counters = {k: v for k, v in conv.counters.items() if k in keep}
 
     # -- rating --------------------------------------------------------------

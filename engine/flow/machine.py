@@ -86,7 +86,7 @@ class FlowMachine:
         for name, event in self._machine.events.items():
             for source, items in event.transitions.items():
                 for item in items:
-                    declared = by_edge[(name, source, item.dest)].pop(0)
+                    declared = by_edge[(name, source, str(item.dest))].pop(0)
                     table.setdefault((source, name), []).append(declared)
         return {k: tuple(v) for k, v in table.items()}
 

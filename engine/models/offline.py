@@ -50,7 +50,7 @@ _ZH_NEGATION = re.compile(r"不|没|别|未|非")
 _ZH_NOT_NEGATION = re.compile(r"没问题|不错|不客气|没事")
 
 #: Minimum similarity for an intent or a route to count.
-INTENT_THRESHOLD = 0.5
+INTENT_THRESHOLD = 0.6
 ROUTE_THRESHOLD = 0.34
 
 
@@ -69,6 +69,7 @@ class _Features:
     chars: frozenset[str]
     negated: bool
     cjk_len: int
+    question: bool
 
 
 @lru_cache(maxsize=8192)
@@ -79,8 +80,9 @@ def _features(norm: str) -> _Features:
     chars = frozenset(c for r in runs for c in r)
     cleaned = _ZH_NOT_NEGATION.sub("", norm)
     negated = bool(set(_WORD.findall(norm)) & _NEGATORS) or bool(_ZH_NEGATION.search(cleaned))
+    question = "?" in norm or "？" in norm or norm.rstrip("。.!！ ").endswith(("吗", "呢"))
     return _Features(words, frozenset(words), bigrams, chars, negated,
-                     sum(len(r) for r in runs))
+                     sum(len(r) for r in runs), question)
 
 
 def _word_score(word: str, candidates: Iterable[str]) -> float:
@@ -125,7 +127,7 @@ class Similarity:
 
     @staticmethod
     def score(message: _Features, example: _Features, idf: Mapping[str, float],
-              view: _View | None = None) -> float:
+              view: _View | None = None, *, precision_path: bool = True) -> float:
         recall: list[tuple[float, float]] = []
         precision: list[tuple[float, float]] = []
         if example.words:
@@ -137,7 +139,11 @@ class Similarity:
                 recall.append(view.recall(example, idf))
                 if message.words:
                     precision.append(view.precision(example, idf))
-        if example.cjk_len:
+        if example.cjk_len == 1 and message.cjk_len > 3:
+            # One-character examples ("对", "行", "是") match short answers, not
+            # a character inside a longer sentence ("银行", "问题是").
+            recall.append((0.0, 1.0))
+        elif example.cjk_len:
             bigram = _coverage(example.bigrams, message.bigrams, idf, False) \
                 if example.bigrams else (0.0, 0.0)
             chars = _coverage(example.chars, message.chars, idf, False)
@@ -151,9 +157,17 @@ class Similarity:
         if not recall:
             return 0.0
         score = _weighted(recall)
-        if precision:
-            score = max(score, 0.85 * _weighted(precision))
-        return score
+        if precision_path:
+            if precision:
+                score = max(score, 0.85 * _weighted(precision))
+            return score
+        # Intents: an example must be matched whole, and the more of the
+        # message it explains the surer the match ("go ahead" answers a
+        # read-back; "can it go to my other card?" only shares a word).
+        if example.cjk_len and example.cjk_len <= 4 and score < 0.999:
+            return 0.0
+        covered = _weighted(precision) if precision else 0.0
+        return score * (0.6 + 0.4 * covered)
 
 
 def _weighted(parts: list[tuple[float, float]]) -> float:
@@ -246,19 +260,29 @@ class _Index:
             out.update(self.by_token.get(char, ()))
         return out
 
-    def rank(self, message: _Features, *, negation: bool) -> list[tuple[float, int, str]]:
-        """Best (score, size, label) per label, best first."""
+    def rank(self, message: _Features, *, negation: bool,
+             precision_path: bool = True) -> list[tuple[float, int, str]]:
+        """Best (score, size, label) per label, best first.
+
+        ``precision_path`` lets a short message count by how much of it an
+        example covers ("退钱" in "能退钱吗"): right for routing, wrong for
+        intents, where "thanks" is not "no thanks".
+        """
         best: dict[str, tuple[float, int, str]] = {}
         view = _View(message, self._near)
         for i in self.candidates(message):
             label, feats, size = self.items[i]
-            score = Similarity.score(message, feats, self.idf, view)
+            score = Similarity.score(message, feats, self.idf, view,
+                                     precision_path=precision_path)
             # "that's not right" must not confirm. Labels with negative
             # examples of their own (deny, cancel) are exempt: their
             # positive-looking examples ("cancel") still fit "nah cancel it".
             if negation and message.negated and not feats.negated \
                     and label not in self.negative:
                 score *= 0.45
+            if negation and message.question and not feats.question:
+                # A question asks; it rarely confirms or declines anything.
+                score *= 0.8
             if label not in best or (score, size) > best[label][:2]:
                 best[label] = (score, size, label)
         return sorted(best.values(), reverse=True)
@@ -356,7 +380,7 @@ class OfflineModel(Model):
         if not triggers:
             return None
         index = _index(tuple((name, tuple(examples)) for name, examples in triggers))
-        ranked = index.rank(_features(norm), negation=True)
+        ranked = index.rank(_features(norm), negation=True, precision_path=False)
         if not ranked:
             return None
         score, _, name = ranked[0]

@@ -23,8 +23,9 @@ Security:
   behind HTTPS. Without a configured key one is generated per start, so
   sessions do not survive a restart and cannot span processes. Logging out
   revokes the session in this process and closes its sockets.
-* Requests that change anything need a JSON body, an allowed ``Origin`` when
-  the browser sends one, and the session's CSRF token in ``X-CSRF-Token``
+* Requests that change anything need a JSON body, our own ``Origin`` (the
+  Host, or ``settings.public_url``) when the browser sends one, and the
+  session's CSRF token in ``X-CSRF-Token``
   (double submit: the token is only readable through ``/agent/api/me``).
   The WebSocket checks ``Origin`` and the cookie.
 * Internal notes travel only to agents: nothing here sends to a customer
@@ -398,7 +399,12 @@ def _error(status: int, error: str, message: str) -> JSONResponse:
 
 
 def _allowed_origins(context: ServerContext) -> set[str]:
-    allowed = {o.rstrip("/").lower() for o in context.settings.allowed_origins}
+    """Origins besides the request's own host: the public URL behind a proxy.
+
+    ``settings.allowed_origins`` is deliberately not used: it lists the shop
+    sites that embed the customer widget, which have no business here.
+    """
+    allowed = set()
     if context.settings.public_url:
         parts = urlsplit(context.settings.public_url)
         allowed.add(f"{parts.scheme}://{parts.netloc}".lower())

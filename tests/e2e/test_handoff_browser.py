@@ -267,14 +267,23 @@ async def test_two_agents_claim_at_once_exactly_one_wins(browser: Browser,
     for agent in (alice, bob):
         await agent.open_first("request")
         await expect(agent.page.get_by_test_id("claim-button")).to_be_visible()
-    await asyncio.gather(alice.page.get_by_test_id("claim-button").click(),
-                         bob.page.get_by_test_id("claim-button").click())
+    claims: list[int] = []
+    for agent in (alice, bob):
+        agent.page.on("response", lambda r: claims.append(r.status)
+                      if r.url.endswith("/claim") else None)
+    # Both click at once. dispatch_event skips Playwright's actionability
+    # waits: a live update may already have hidden one button, and that page
+    # must then not claim at all.
+    await asyncio.gather(alice.page.get_by_test_id("claim-button").dispatch_event("click"),
+                         bob.page.get_by_test_id("claim-button").dispatch_event("click"))
 
     badges = [a.page.get_by_test_id("owner-badge") for a in (alice, bob)]
     for badge in badges:
         await expect(badge).to_have_text(re.compile(r"With (you|Alice|Bob)"))
     texts = [await badge.inner_text() for badge in badges]
     assert sorted(texts) in (["With Alice", "With you"], ["With Bob", "With you"]), texts
+    # Normally both requests race on the server: one 200, one 409 (conflict).
+    assert sorted(claims) in ([200, 409], [200]), claims
     loser = (alice, bob)[texts.index("With you") ^ 1]
     await expect(loser.page.get_by_test_id("composer-blocked")).to_contain_text(
         "is handling this conversation")

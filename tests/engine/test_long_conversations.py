@@ -461,7 +461,8 @@ class Turn:
     seconds: float
     #: Decision requests the fake received during the turn (Claude runs only).
     requests: list[RecordedRequest] = field(default_factory=list)
-    #: Summary tasks still running when the reply was returned.
+    #: Summary tasks running when the message arrived, and when the reply was returned.
+    summaries_before: int = 0
     summaries_pending: int = 0
 
     @property
@@ -483,12 +484,13 @@ class LongChat:
         before = len(self.fake.requests) if self.fake is not None else 0
         inbound = Inbound(self.key, text, CUSTOMER, datetime.now(UTC),
                           channel_message_id=f"{self.key.thread}-{len(self.turns) + 1}")
+        running = len(self.engine._tasks)
         started = time.perf_counter()
         result = await self.engine.handle(inbound)
         seconds = time.perf_counter() - started
         requests = [r for r in self.fake.requests[before:] if is_decision(r)] \
             if self.fake is not None else []
-        turn = Turn(len(self.turns) + 1, text, result, seconds, requests,
+        turn = Turn(len(self.turns) + 1, text, result, seconds, requests, running,
                     len(self.engine._tasks))
         self.turns.append(turn)
         return turn
@@ -660,14 +662,16 @@ async def test_sixty_turns_through_claude(language: str, fake: FakeClaude, claud
         required = request.tool(DECISION)["input_schema"]["required"]  # type: ignore[index]
         assert ("pinned" in required) == (turn.number % 3 == 0), turn.number
         # A reply never waits for a summary (each summary call takes summary_delay).
-        assert turn.seconds < summary_delay, (turn.number, turn.seconds)
+        if turn.summaries_before:
+            assert turn.seconds < summary_delay, (turn.number, turn.seconds)
         assert turn.replies, turn.number
     assert not fake.handler_errors
     assert all(r.status == 200 for r in fake.requests), [r.status for r in fake.requests]
 
     # The budget mattered: later requests were trimmed to a window, not the full history.
     assert max(len(t.requests[0].messages) for t in turns) <= 2 * 6 + 1
-    assert any(t.summaries_pending for t in turns)  # replies went out while summarising
+    # Replies went out while a summary was being written, many times.
+    assert sum(1 for t in turns if t.summaries_before and t.summaries_pending) >= 20
 
     # Pinned entities in the final request: the corrected values, from the store.
     final = turns[-1].requests[0]

@@ -428,8 +428,9 @@
     statusDot.className = "hl-dot hl-dot-" + next;
   }
 
-  function flash(text) {
+  function flash(text, tone) {
     notice.textContent = text;
+    notice.setAttribute("data-tone", tone || "error");
     notice.hidden = false;
     clearTimeout(flash.timer);
     flash.timer = setTimeout(function () { notice.hidden = true; }, 5000);
@@ -569,6 +570,9 @@
       case "error":
         onError(f);
         break;
+      case "notice":
+        flash(f.text, "info");   // passing news (e.g. busy); not part of the log
+        return;
       case "pong":
         clearTimeout(pongTimer);
         return;

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from channels.slack.convert import (
@@ -153,10 +154,11 @@ def test_payloads_without_our_buttons_are_ignored() -> None:
 
 
 def test_the_choice_replaces_the_buttons() -> None:
-    blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": "Rate us"}},
-              {"type": "actions", "elements": [
-                  {"type": "button", "action_id": "hl_rate_4", "value": "rating:4",
-                   "text": {"type": "plain_text", "text": "4 <stars>"}}]}]
+    blocks: list[dict[str, Any]] = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": "Rate us"}},
+        {"type": "actions", "elements": [
+            {"type": "button", "action_id": "hl_rate_4", "value": "rating:4",
+             "text": {"type": "plain_text", "text": "4 <stars>"}}]}]
     press = ButtonPress("T1", "C1", "U1", "1.3", "1.1", "hl_rate_4", "rating:4", "9.9",
                         tuple(blocks))
     shown = chosen_blocks(press)
@@ -221,6 +223,7 @@ def test_a_hard_cut_never_breaks_an_entity_or_a_link() -> None:
     assert split_text(linked)[1].startswith("<https://a.example|a>")
 
 
+@settings(deadline=None)  # pure and fast, but CI machines stall
 @given(st.text(alphabet=st.sampled_from("ab &<>\n*_"), max_size=400),
        st.integers(min_value=16, max_value=60))
 def test_split_chunks_fit_and_keep_every_word(text: str, limit: int) -> None:
@@ -255,3 +258,11 @@ def test_quick_replies_and_ratings_become_buttons_on_the_last_chunk() -> None:
     assert [(e["action_id"], e["value"]) for e in actions["elements"]] == [
         ("hl_quick_0", "yes"), ("hl_rate_1", "rating:1"), ("hl_quick_2", "long")]
     assert len(actions["elements"][2]["text"]["text"]) == 75
+
+
+def test_conversion_stays_fast_on_hostile_text() -> None:
+    started = time.perf_counter()
+    for hostile in ("**a" * 20_000, "*a " * 20_000, "[x](" * 10_000, "`" + "a`" * 20_000,
+                    "<" * 40_000, "~~" + "a" * 40_000):
+        split_text(to_mrkdwn(hostile))
+    assert time.perf_counter() - started < 5.0

@@ -186,3 +186,16 @@ async def test_waiting_handoffs_without_a_thread_are_posted_at_start(
     assert root["metadata"]["event_payload"]["conversation_id"] == conv.id
     await press(second, root, CLAIM, BOB)
     assert (await web_conv(second)).owner_agent == f"slack:{BOB}"
+
+
+async def test_a_queue_timeout_closes_the_thread(slack: SlackHarness) -> None:
+    root = await hand_off(slack)
+    desk = slack.live.context.desk
+    desk.queue_timeout = 0.001
+    assert await desk.expire() == [(await web_conv(slack)).id]
+    await slack.settle()
+    assert thread_texts(slack, root)[-1].startswith(
+        ":alarm_clock: No agent in time; back with the bot (callback ticket CB")
+    shown = slack.fake.find(AGENTS, root["ts"])
+    assert shown is not None and buttons(shown) == []
+    assert "callback ticket" in slack.sent[-1].text

@@ -1,24 +1,36 @@
 """The Helpline server with its Telegram channel, against the fake Bot API, on 127.0.0.1.
 
-``telegram_server`` starts ``engine.server.app.create_app(settings, model="offline")``
+:func:`start_server` runs ``engine.server.app.create_app(settings, model="offline")``
 under uvicorn with only the Telegram channel, pointed at a :class:`FakeTelegram`
-(``tg``) through ``telegram_api_base``; override settings with
-``@pytest.mark.telegram_settings(...)``. :class:`Customer` is one Telegram user
-talking to the bot: ``say`` pushes a message, ``tap`` a button, and both wait until
-the server is idle, then return the bot's new messages.
+through ``telegram_api_base`` (a demo shop, SQLite in a temporary directory).
+
+Fixtures:
+
+* ``polling_server`` / ``webhook_server``: one server per test module (starting one
+  costs about a second), each with its own fake; use them from modules marked
+  ``pytestmark = pytest.mark.asyncio(loop_scope="module")``. ``polling_customer`` and
+  ``webhook_customer`` give each test a fresh chat; ``fresh_shop`` re-seeds the shop.
+* ``telegram_server`` (with ``@pytest.mark.telegram_settings(...)`` overrides) and
+  ``customer``: a server of the test's own, for settings the shared ones lack.
+
+:class:`Customer` is one Telegram user talking to the bot: ``say`` pushes a message,
+``tap`` a button, and both wait until the server is idle, then return the bot's new
+messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 import uvicorn
 
 from channels.telegram.channel import TelegramChannel
@@ -26,7 +38,7 @@ from engine.config import Settings
 from engine.server.app import create_app
 from engine.server.context import ServerContext
 from engine.store.base import ConversationKey, ConversationState, MessageRecord
-from tests.fakes.telegram_api import DEFAULT_TOKEN, FakeTelegram, SentMessage
+from tests.fakes.telegram_api import DEFAULT_TOKEN, Call, FakeTelegram, SentMessage
 
 BOT_ID = int(DEFAULT_TOKEN.split(":")[0])
 WEBHOOK_SECRET = "hook-secret_for-tests"
@@ -135,6 +147,52 @@ async def start_server(tg: FakeTelegram, tmp_path: Path, **overrides: Any) -> Li
     return LiveServer(f"http://127.0.0.1:{port}", context, settings, tg, server, task)
 
 
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, **overrides: Any) -> AsyncIterator[LiveServer]:
+    """A fake Bot API and a server pointed at it; both stop on exit."""
+    async with FakeTelegram() as tg:
+        live = await start_server(tg, tmp_path, **overrides)
+        try:
+            yield live
+        finally:
+            await live.stop()
+        assert tg.handler_errors == []
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def polling_server(tmp_path_factory: pytest.TempPathFactory
+                         ) -> AsyncIterator[LiveServer]:
+    async with running(tmp_path_factory.mktemp("polling")) as live:
+        yield live
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def webhook_server(tmp_path_factory: pytest.TempPathFactory
+                         ) -> AsyncIterator[LiveServer]:
+    async with running(tmp_path_factory.mktemp("webhook"), telegram_mode="webhook",
+                       telegram_webhook_secret=WEBHOOK_SECRET) as live:
+        yield live
+
+
+_chats = itertools.count(5_550_001)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def polling_customer(polling_server: LiveServer) -> Customer:
+    return Customer(polling_server, next(_chats))
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def fresh_shop(polling_server: LiveServer) -> None:
+    """The demo shop seeded again (the refund journeys all refund the same order)."""
+    await polling_server.context.app.shop.reset()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def webhook_customer(webhook_server: LiveServer) -> Customer:
+    return Customer(webhook_server, next(_chats))
+
+
 @pytest.fixture
 async def tg() -> AsyncIterator[FakeTelegram]:
     async with FakeTelegram() as fake:
@@ -177,6 +235,8 @@ class Customer:
     live: LiveServer
     chat: int
     language_code: str = "en"
+    #: Callback query ids of this customer's taps.
+    taps: list[str] = field(default_factory=list)
 
     @property
     def tg(self) -> FakeTelegram:
@@ -185,6 +245,15 @@ class Customer:
     @property
     def seen(self) -> list[SentMessage]:
         return self.tg.messages(self.chat)
+
+    def calls(self, method: str | None = None) -> list[Call]:
+        """The bot's Bot API calls about this chat."""
+        return [c for c in self.tg.calls
+                if str(c.params.get("chat_id")) == str(self.chat)
+                and (method is None or c.method.lower() == method.lower())]
+
+    def all_taps_answered(self) -> bool:
+        return all(query in self.tg.answered for query in self.taps)
 
     async def say(self, text: str) -> list[SentMessage]:
         before = len(self.seen)
@@ -195,11 +264,12 @@ class Customer:
     async def tap(self, button: str | None = None, *, data: str | None = None,
                   message_id: int | None = None) -> list[SentMessage]:
         before = len(self.seen)
-        self.tg.push_callback(self.chat, data, button=button, message_id=message_id)
+        update = self.tg.push_callback(self.chat, data, button=button, message_id=message_id)
+        self.taps.append(update["callback_query"]["id"])
         await self.live.settle()
         return self.seen[before:]
 
 
 @pytest.fixture
 def customer(telegram_server: LiveServer) -> Customer:
-    return Customer(telegram_server, 5551234)
+    return Customer(telegram_server, next(_chats))

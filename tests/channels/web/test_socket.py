@@ -296,6 +296,37 @@ async def test_duplicate_client_ids_are_answered_once(server: LiveServer) -> Non
 
 
 @shared
+async def test_a_busy_model_sends_a_notice_and_the_reply_follows(
+        server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.llm.errors import ModelBusyError
+
+    engine = server.context.engine
+    route = engine.model.route
+    calls = 0
+
+    async def busy_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ModelBusyError(engine.model.name, "test: all slots taken")
+        return await route(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "route", busy_once)
+    monkeypatch.setattr(engine, "busy_retry_delay", 0.05)
+    client, _, _ = await chat(server)
+    async with client:
+        first = await client.say("I want a refund", id="busy-1")
+        assert [f["type"] for f in first] == ["typing", "notice", "typing"]
+        assert "busy" in first[1]["text"]
+        # The engine runs the turn again by itself: the ack and the replies follow.
+        later: list[Frame] = []
+        while not (any(f["type"] == "ack" for f in later) and len(messages(later)) >= 2):
+            later.append(await client.recv())
+        assert [f["id"] for f in later if f["type"] == "ack"] == ["busy-1"]
+        assert messages(later)[0]["kind"] == "disclosure"
+
+
+@shared
 async def test_drop_and_resume_from_last_seq(server: LiveServer) -> None:
     a, info, _ = await chat(server)
     await a.say("I want a refund")

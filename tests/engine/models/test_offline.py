@@ -73,6 +73,12 @@ def decide(flows: FlowSet, flow: str, state: str, text: str):  # type: ignore[no
     ("不对", "deny"),
     ("算了吧", "deny"),
     ("what?", None),
+    # Questions and words that merely contain an example are not answers.
+    ("Can the refund go to a different card?", None),
+    ("thanks", None),
+    ("退到我的银行卡可以吗？能多久到账", None),
+    ("by now it should have arrived", None),
+    ("用了一天就坏了", None),
 ])
 def test_confirm_and_deny(flows: FlowSet, text: str, intent: str | None) -> None:
     assert decide(flows, "refund", "confirm", text).transition == intent

@@ -10,16 +10,21 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import httpx
 import pytest
+from starlette.requests import Request
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from engine.config import Settings
 from engine.server.console import (
     COOKIE,
     THROTTLE_LIMIT,
     THROTTLE_WINDOW,
     AgentAuth,
+    _allowed_origins,
+    _origin_ok,
 )
 from tests.engine.server.conftest import DEMO_AGENTS, PASSWORD, Console, next_message
 
@@ -146,6 +151,26 @@ async def test_changes_need_the_csrf_token_json_and_our_origin(console: Console)
     assert (await console.conv()).owner == "pending_human"
     ok = await alice.post(url, json={}, headers={"x-csrf-token": token, "origin": console.url})
     assert ok.status_code == 200
+
+
+def _request(origin: str | None, host: str = "10.0.0.5:8080") -> Request:
+    headers = [(b"host", host.encode())]
+    if origin is not None:
+        headers.append((b"origin", origin.encode()))
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": headers})
+
+
+def test_only_our_own_origin_may_act() -> None:
+    settings = Settings(allowed_origins=["https://shop.example"],
+                        public_url="https://help.example/")
+    allowed = _allowed_origins(SimpleNamespace(settings=settings))  # type: ignore[arg-type]
+    assert allowed == {"https://help.example"}
+    assert _origin_ok(_request("https://help.example"), allowed)  # behind a proxy
+    assert _origin_ok(_request("http://10.0.0.5:8080"), allowed)  # same host
+    assert _origin_ok(_request(None), allowed)  # not a browser
+    # The shops embedding the widget are allowed on the chat socket, not here.
+    assert not _origin_ok(_request("https://shop.example"), allowed)
+    assert not _origin_ok(_request("null"), allowed)
 
 
 # --------------------------------------------------------------------------- the API
