@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +42,21 @@ class LocalTemplate:
             if candidate in self._static:
                 return self._static[candidate]
             if candidate in self._templates:
-                return self._templates[candidate].render(context).strip()
+                return _tidy(self._templates[candidate].render(context))
         if self._static:
             return next(iter(self._static.values()))
-        return next(iter(self._templates.values())).render(context).strip()
+        return _tidy(next(iter(self._templates.values())).render(context))
+
+
+_SPACES = re.compile(r"[ \t]+")
+_LINE_EDGES = re.compile(r"[ \t]*\n[ \t]*")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def _tidy(text: str) -> str:
+    """Whitespace left by template tags and folded YAML, removed."""
+    text = _LINE_EDGES.sub("\n", _SPACES.sub(" ", text))
+    return _BLANK_LINES.sub("\n\n", text).strip()
 
 
 @dataclass(frozen=True, slots=True)
