@@ -35,14 +35,15 @@ if ! command -v promtool >/dev/null; then
   fi
 fi
 
-# Browser tests drive Debian's chromium with Playwright (never a browser download).
-if ! command -v chromium >/dev/null; then
+# Browser tests drive Debian's chromium with Playwright (never a browser download);
+# a CJK font makes Chinese text render in the screenshots.
+if ! command -v chromium >/dev/null || ! fc-list 2>/dev/null | grep -qi "wenquanyi\|noto sans cjk"; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing chromium (Debian package)"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
-      >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1) \
-      || echo "could not install chromium" >&2
+      fonts-wqy-microhei >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium \
+      fonts-wqy-microhei >/dev/null 2>&1) || echo "could not install chromium" >&2
   fi
 fi
 

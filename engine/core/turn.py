@@ -262,7 +262,9 @@ class TurnCore:
         conv.state = None
         conv.owner = "bot"
         conv.owner_agent = None
-        conv.results = {}
+        # A hand-back marker is for the next decision, in whichever journey.
+        conv.results = {k: v for k, v in conv.results.items() if k in ("handback", "_pii")}
+        self._last_normal = None
         # The satisfaction streak survives: a customer who stays angry across
         # journeys still reaches a human.
         keep = {"disclosed", "turn", "low_estimate", "summary_seq", "summary_turn"}

@@ -404,8 +404,6 @@ async def test_hand_back_after_a_rating_handoff_lets_the_bot_answer_again(d: Des
     assert (await d.conv()).flow == "logistics"
 
 
-@pytest.mark.xfail(reason="TurnCore.restart() clears results, and with them the hand-back "
-                          "marker, when the hand back resumed at an end state", strict=True)
 async def test_hand_back_marker_survives_a_new_journey(d: Desk) -> None:
     await rating_handoff_handed_back(d)
     await d.say("where is my parcel HL26111876?")
