@@ -224,8 +224,11 @@ def serve(
         console.print(f"  health         {base}/healthz  {base}/readyz")
 
     application = create_app(settings, model=model, on_ready=ready)
+    # ws_max_size: the web chat refuses frames over 16 KiB itself; this stops
+    # uvicorn from buffering anything much larger before the app sees it.
     uvicorn.run(application, host=settings.host, port=settings.port, ws="websockets-sansio",
-                log_level="info", timeout_graceful_shutdown=10, lifespan="on")
+                ws_max_size=65536, log_level="info", timeout_graceful_shutdown=10,
+                lifespan="on")
 
 
 @app.command("hash-password")

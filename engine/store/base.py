@@ -4,6 +4,8 @@ A turn is persisted with exactly one :meth:`Store.commit_turn` call: the
 conversation row (optimistic version check), the messages the turn produced
 and the entity changes, in one transaction. A new conversation is inserted by
 its first turn (``expected_version == 0``), so creating one costs no extra commit.
+What a turn reads first, the conversation and whether its inbound message was
+already stored, comes from one :meth:`Store.load_for_turn` call.
 """
 
 from __future__ import annotations
@@ -140,6 +142,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def seen(self, channel: str, channel_message_id: str) -> bool:
         """Whether an inbound message with this channel id was already stored."""
+
+    async def load_for_turn(
+        self, key: ConversationKey, channel_message_id: str | None
+    ) -> tuple[ConversationState | None, bool]:
+        """The conversation under ``key`` and whether the inbound message was already stored.
+
+        What a turn needs before it runs, in one call: ``(load(key), seen(key.channel,
+        channel_message_id))``, the second ``False`` when ``channel_message_id`` is None.
+        Backends answer both in one go (one thread hop or round trip); this default
+        calls :meth:`seen` then :meth:`load`.
+        """
+        seen = channel_message_id is not None and await self.seen(key.channel, channel_message_id)
+        return await self.load(key), seen
 
     @abc.abstractmethod
     async def commit_turn(self, write: TurnWrite) -> None:

@@ -119,6 +119,15 @@ class MemoryStore(Store):
     async def seen(self, channel: str, channel_message_id: str) -> bool:
         return (channel, channel_message_id) in self._seen
 
+    async def load_for_turn(
+        self, key: ConversationKey, channel_message_id: str | None
+    ) -> tuple[ConversationState | None, bool]:
+        seen = channel_message_id is not None and (key.channel, channel_message_id) in self._seen
+        conversation_id = self._by_key.get(key)
+        if conversation_id is None:
+            return None, seen
+        return self._by_id[conversation_id].to_state(), seen
+
     async def commit_turn(self, write: TurnWrite) -> None:
         conv = write.conversation
         expected = write.expected_version

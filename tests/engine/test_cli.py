@@ -56,14 +56,14 @@ def schema() -> dict[str, Any]:
 def test_validate_demo_flows() -> None:
     result = invoke("validate", FLOWS)
     assert result.exit_code == 0, result.output
-    assert result.stdout.strip() == "ok: 2 flow(s) valid (logistics, refund)"
+    assert result.stdout.strip() == "ok: 3 flow(s) valid (faq, logistics, refund)"
     assert result.stderr == ""
 
 
 def test_validate_defaults_to_the_project_flows() -> None:
     result = invoke("validate")
     assert result.exit_code == 0, result.output
-    assert "ok: 2 flow(s) valid" in result.stdout
+    assert "ok: 3 flow(s) valid" in result.stdout
 
 
 def test_validate_as_a_subprocess() -> None:
@@ -71,7 +71,7 @@ def test_validate_as_a_subprocess() -> None:
     done = subprocess.run([str(exe), "validate", "flows/"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
-    assert "ok: 2 flow(s) valid (logistics, refund)" in done.stdout
+    assert "ok: 3 flow(s) valid (faq, logistics, refund)" in done.stdout
 
 
 def test_validate_broken_reports_every_seeded_error_at_its_line() -> None:

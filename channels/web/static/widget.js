@@ -48,9 +48,9 @@
   var STRINGS = {
     en: {
       open: "Open chat", close: "Close chat", badge: "AI assistant",
-      subtitle: "We reply in seconds", agent: "Support agent", you: "You",
+      subtitle: "Online now", agent: "Support agent", you: "You",
       placeholder: "Type your message…", send: "Send message",
-      connecting: "Connecting…", reconnecting: "Reconnecting…", offline: "You're offline. We'll reconnect automatically.",
+      connecting: "Connecting…", reconnecting: "Reconnecting…", offline: "You're offline. We'll reconnect automatically.", offlineShort: "Offline",
       online: "Online", typing: "The assistant is typing",
       welcomeTitle: "Hi there!", welcomeText: "Ask us about a refund, your parcel or your delivery address.",
       aiNotice: "You're chatting with an AI assistant. You can ask for a human at any time.",
@@ -65,9 +65,9 @@
     },
     zh: {
       open: "打开聊天", close: "关闭聊天", badge: "AI 助手",
-      subtitle: "通常几秒内回复", agent: "人工客服", you: "我",
+      subtitle: "在线", agent: "人工客服", you: "我",
       placeholder: "输入消息…", send: "发送",
-      connecting: "正在连接…", reconnecting: "正在重新连接…", offline: "网络已断开，恢复后将自动重连。",
+      connecting: "正在连接…", reconnecting: "正在重新连接…", offline: "网络已断开，恢复后将自动重连。", offlineShort: "离线",
       online: "在线", typing: "助手正在输入",
       welcomeTitle: "您好！", welcomeText: "可以咨询退款、物流进度或修改收货地址。",
       aiNotice: "您正在与 AI 智能助手对话，可随时要求转接人工客服。",
@@ -424,7 +424,8 @@
     var text = { connecting: T.connecting, reconnecting: T.reconnecting, offline: T.offline }[next] || "";
     statusBar.textContent = text;
     statusBar.hidden = next !== "reconnecting" && next !== "offline";
-    subtitle.textContent = next === "connecting" ? T.connecting : T.subtitle;
+    subtitle.textContent = { connecting: T.connecting, reconnecting: T.reconnecting,
+                             offline: T.offlineShort }[next] || T.subtitle;
     statusDot.className = "hl-dot hl-dot-" + next;
   }
 

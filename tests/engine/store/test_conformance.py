@@ -325,6 +325,72 @@ class TestStoreConformance:
         assert not await store.seen("web", "m-2")
         assert not await store.seen("telegram", "m-1")
 
+    async def test_load_for_turn(self, store: Store) -> None:
+        state = new_state()
+        assert await store.load_for_turn(key(), "m-1") == (None, False)
+        assert await store.load_for_turn(key(), None) == (None, False)
+        await store.commit_turn(
+            TurnWrite(
+                state,
+                expected_version=0,
+                messages=[inbound(state.id, 1, "hi", "m-1"), outbound(state.id, 2, "hello")],
+                entity_changes=[change(state.id, "name", "Ann")],
+            )
+        )
+
+        conv, seen = await store.load_for_turn(key(), "m-1")
+        assert seen is True
+        assert conv == state and conv == await store.load(key())
+        assert conv is not state and conv.version == 1
+        assert await store.load_for_turn(key(), "m-2") == (state, False)
+        assert await store.load_for_turn(key(), None) == (state, False)
+        # Seen is per channel: the key's channel, whatever conversation stored the id.
+        tg_key = key(channel="telegram")
+        assert await store.load_for_turn(tg_key, "m-1") == (None, False)
+        assert await store.load_for_turn(key("t2"), "m-1") == (None, True)
+        assert await store.load_for_turn(key("t2"), "m-2") == (None, False)
+
+    async def test_load_for_turn_after_later_turns_and_refused_ones(self, store: Store) -> None:
+        state = new_state()
+        cid = state.id
+        await create(store, state, inbound(cid, 1, "hi", "m-1"))
+        await store.commit_turn(
+            TurnWrite(
+                dataclasses.replace(state, state="second", seq=3),
+                expected_version=1,
+                messages=[inbound(cid, 2, "again", "m-2"), outbound(cid, 3, "ok")],
+            )
+        )
+        conv, seen = await store.load_for_turn(key(), "m-2")
+        assert seen and conv is not None
+        assert (conv.state, conv.seq, conv.version) == ("second", 3, 2)
+        with pytest.raises(VersionConflictError):
+            await store.commit_turn(
+                TurnWrite(state, expected_version=1, messages=[inbound(cid, 4, "x", "m-3")])
+            )
+        assert await store.load_for_turn(key(), "m-3") == (conv, False)
+
+    async def test_reused_seq_is_refused_and_writes_nothing(self, store: Store) -> None:
+        state = new_state()
+        cid = state.id
+        await create(store, state, inbound(cid, 1, "hi", "m-1"), outbound(cid, 2, "hello"))
+        before = await store.load(key())
+        assert before is not None
+        with pytest.raises(StoreError) as caught:
+            await store.commit_turn(
+                TurnWrite(
+                    dataclasses.replace(before, state="next"),
+                    expected_version=1,
+                    messages=[inbound(cid, 3, "new", "m-2"), outbound(cid, 2, "reused seq")],
+                    entity_changes=[change(cid, "name", "Ann", turn=2)],
+                )
+            )
+        assert type(caught.value) is StoreError
+        assert await store.load(key()) == before
+        assert [m.text for m in await store.messages(cid)] == ["hi", "hello"]
+        assert await store.entity_history(cid) == []
+        assert await store.load_for_turn(key(), "m-2") == (before, False)
+
     async def test_same_channel_message_id_on_another_channel_is_not_a_duplicate(
         self, store: Store
     ) -> None:
