@@ -4,7 +4,9 @@ Slack allows ``chat.postMessage`` "generally one message per second per
 channel" (https://docs.slack.dev/apis/web-api/rate-limits) and answers 429
 with ``Retry-After`` beyond it. :class:`ChannelPoster` keeps one FIFO queue
 and one worker per channel with a token bucket in front: messages leave in
-the order they were queued, at most ``rate`` per second per channel. A 429
+the order they were queued, at most ``rate`` per second per channel (the
+bucket refills from the moment Slack answered the previous call, so network
+jitter cannot squeeze two arrivals closer than ``1/rate``). A 429
 is retried by the SDK's ``AsyncRateLimitErrorRetryHandler`` after
 ``Retry-After``; since the worker waits for that, later messages of the
 channel cannot overtake the retried one.
@@ -59,6 +61,12 @@ class TokenBucket:
         self._updated = now
         self._tokens -= 1.0
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
+
+    def restart(self) -> None:
+        """Count the refill from now (the moment the last call was answered)."""
+        if self._updated is not None:
+            self._tokens = min(self._tokens, 0.0)
+            self._updated = self._now()
 
     def full(self) -> bool:
         """Whether waiting longer would not save up another token."""
@@ -135,6 +143,9 @@ class ChannelPoster:
             try:
                 await lane.bucket.acquire()
                 result = await self._call(call)
+                # Slack counts arrivals: refilling from the answer keeps arrivals
+                # at least 1/rate apart whatever the network's latency did.
+                lane.bucket.restart()
             except asyncio.CancelledError:
                 for pending in lane.queue:
                     pending.future.cancel()

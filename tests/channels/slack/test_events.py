@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import sys
 import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -119,7 +120,7 @@ async def test_the_ack_is_immediate_and_retries_are_answered_once(slack: SlackHa
     envelope = slack.events.message(SUPPORT, CUSTOMER, "call the plumber")
     started = time.monotonic()
     response = await slack.events.send(envelope)
-    assert response.status_code == 200 and time.monotonic() - started < 1.0
+    assert response.status_code == 200 and time.monotonic() - started < 2.5
     # Slack gave up waiting (as if) and redelivers while the turn is still running.
     retries = await slack.events.redeliver(envelope, times=2)
     assert [r.status_code for r in retries] == [200, 200]
@@ -284,8 +285,9 @@ async def test_about_one_message_per_second_per_channel(slack: SlackHarness) -> 
     support, other = times(SUPPORT), times("C0OTHER")
     assert len(support) == len(other) == 3
     for sent in (support, other):
-        assert all(b - a >= 0.95 for a, b in itertools.pairwise(sent))
-    assert abs(support[0] - other[0]) < 0.5  # channels do not wait for each other
+        assert all(b - a >= 1.0 for a, b in itertools.pairwise(sent))
+    # Channels do not wait for each other: their messages interleave.
+    assert other[0] < support[1] and support[0] < other[1]
 
 
 # -- configuration and Socket Mode -------------------------------------------------------------
@@ -300,6 +302,14 @@ def test_the_channel_is_off_unless_configured(caplog: pytest.LogCaptureFixture) 
     assert make(context(slack_bot_token=BOT_TOKEN)) is None  # events mode, no secret
     assert make(context(slack_bot_token=BOT_TOKEN, slack_mode="socket")) is None
     assert "slack_signing_secret" in caplog.text and "slack_app_token" in caplog.text
+
+
+def test_a_configured_channel_without_the_extra_says_how_to_install_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "channels.slack.channel")
+    monkeypatch.setitem(sys.modules, "slack_bolt.adapter.starlette.async_handler", None)
+    with pytest.raises(ImportError, match=r"pip install 'helpline\[slack\]'"):
+        make(context(slack_bot_token=BOT_TOKEN, slack_signing_secret="s"))
 
 
 @pytest.fixture
@@ -320,7 +330,7 @@ async def test_socket_mode_receives_events_and_actions(socket_slack: SlackHarnes
     envelope = slack.events.message(SUPPORT, CUSTOMER, "over the socket")
     started = time.monotonic()
     ack = await fake.socket_send(envelope)
-    assert time.monotonic() - started < 1.0 and "envelope_id" in ack
+    assert time.monotonic() - started < 2.5 and "envelope_id" in ack
     await fake.socket_send(envelope, retry_attempt=1, retry_reason="timeout")  # redelivered
     await slack.settle()
     posted = fake.posted(SUPPORT, thread_ts=envelope["event"]["ts"])

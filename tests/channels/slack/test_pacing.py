@@ -20,6 +20,9 @@ def test_the_bucket_spends_the_burst_then_paces() -> None:
     assert bucket.delay() == pytest.approx(1.0)  # queued behind the previous one
     now[0] = 10.0
     assert bucket.full() and bucket.delay() == 0.0
+    bucket.restart()  # the call was answered at 10.0: refill from there
+    now[0] = 10.25
+    assert bucket.delay() == pytest.approx(0.25)
     with pytest.raises(ValueError):
         TokenBucket(rate=0)
 
@@ -58,9 +61,9 @@ async def test_posts_leave_in_order_one_per_interval() -> None:
         assert all(a is not None and a["ok"] for a in answers)
         assert [m["text"] for m in fake.posted("C1")] == ["m0", "m1", "m2", "m3"]
         at = [c.at for c in fake.calls_to("chat.postMessage") if c.params["channel"] == "C1"]
-        assert all(b - a >= 0.09 for a, b in itertools.pairwise(at))
+        assert all(b - a >= 0.1 for a, b in itertools.pairwise(at))
         c2 = next(c.at for c in fake.calls if c.params.get("channel") == "C2")
-        assert c2 - at[0] < 0.09  # another channel is not held up
+        assert c2 < at[1]  # another channel is not held up
         assert await poster.flush(1.0) and poster.pending == 0
 
 

@@ -11,6 +11,7 @@ import pytest
 from aiogram import Bot
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
+from aiogram.methods import SendMessage
 
 from channels.telegram.channel import claim_poller, release_poller
 from channels.telegram.plugin import TelegramConfig, make
@@ -123,6 +124,15 @@ async def test_keyboard_on_the_last_chunk(harness: Harness) -> None:
     assert len(sent) == 2
     assert sent[0].reply_markup is None
     assert [b["callback_data"] for b in sent[1].buttons()] == ["q:Yes, refund", "q:No, cancel"]
+
+
+async def test_html_rejected_by_telegram_is_resent_as_plain_text(harness: Harness) -> None:
+    # Our own calls are always escaped; this one is not, as a bug elsewhere might make it.
+    call = SendMessage(chat_id=CHAT, text="R&D <team>", parse_mode="HTML")
+    assert await harness.sender._send(CHAT, call, out("R&D <team>"))
+    assert [c.status for c in harness.tg.calls_to("sendMessage")] == [400, 200]
+    [sent] = harness.tg.messages(CHAT)
+    assert (sent.text, sent.parse_mode) == ("R&D <team>", None)
 
 
 async def test_other_conversations_are_not_sent(harness: Harness) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Any
 
+import aiohttp
 import pytest
 
 from channels.telegram.channel import WEBHOOK_PATH
@@ -97,3 +98,13 @@ async def test_the_ack_comes_before_the_turn(webhook_server: LiveServer,
         engine.handle = real_handle
     await webhook_server.settle()
     assert len(webhook_customer.seen) == 2
+
+
+async def test_only_posts_of_reasonable_size(webhook_server: LiveServer,
+                                             webhook_customer: Customer) -> None:
+    url = webhook_server.url + WEBHOOK_PATH
+    tg = webhook_customer.tg
+    huge = {**raw_update(webhook_customer.chat, "x"), "padding": "a" * (1 << 20)}
+    assert await tg.deliver_webhook(huge, url=url, secret=WEBHOOK_SECRET) == 413
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        assert resp.status == 405

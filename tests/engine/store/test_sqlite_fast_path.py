@@ -94,13 +94,16 @@ async def play(store: Store) -> None:
 
 def dump(path: Path) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of the store's tables with each value's SQLite storage class."""
-    with sqlite3.connect(path) as db:
+    db = sqlite3.connect(path)
+    try:
         out = {}
         for table in TABLES:
             names = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
             typed = ", ".join(f"{n}, typeof({n})" for n in names)
             out[table] = db.execute(f"SELECT {typed} FROM {table} ORDER BY rowid").fetchall()
         return out
+    finally:
+        db.close()
 
 
 async def test_fast_path_stores_the_same_rows_as_sqlalchemy_core(tmp_path: Path) -> None:
@@ -145,9 +148,11 @@ async def test_each_path_reads_what_the_other_wrote(
         conv = await memory.load(realistic)
         assert conv is not None
         assert await second.load_by_id(conv.id) == conv
-        for loaded in await second.conversations():
-            # Equal is not enough: 1 == True and naive != aware only by a TypeError.
-            assert type(loaded.closed) is bool
+        read = [await second.load(realistic), await second.load_by_id(conv.id)]
+        read += [(await second.load_for_turn(realistic, "m-1"))[0], *await second.conversations()]
+        for loaded in read:
+            # Equal is not enough: 1 == True.
+            assert loaded is not None and type(loaded.closed) is bool
             assert type(loaded.seq) is int and type(loaded.version) is int
             times = (loaded.created_at, loaded.updated_at, loaded.waiting_since)
             assert all(t is None or t.tzinfo is UTC for t in times)
@@ -226,14 +231,19 @@ async def test_one_hop_statements_per_turn(raw_store: SQLStore) -> None:
     assert verbs == ["SELECT", "SELECT", *turn, "SELECT", "SELECT", "BEGIN", "UPDATE", *turn[2:]]
 
 
-async def assert_no_open_write(path: Path) -> None:
+def assert_no_open_write(path: Path) -> None:
     """Nobody holds the database's write lock: a writer gets it at once."""
-    with sqlite3.connect(path, timeout=0, isolation_level=None) as db:
+    db = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
         db.execute("BEGIN IMMEDIATE")
         db.execute("ROLLBACK")
+    finally:
+        db.close()
 
 
-async def test_refused_turns_leave_no_transaction_open(tmp_path: Path, raw_store: SQLStore) -> None:
+async def test_refused_turns_leave_no_transaction_open(
+    tmp_path: Path, raw_store: SQLStore
+) -> None:
     path = tmp_path / "raw.db"
     state = new_state()
     cid = state.id
@@ -252,7 +262,7 @@ async def test_refused_turns_leave_no_transaction_open(tmp_path: Path, raw_store
     for error, write in refused:
         with pytest.raises(error):
             await raw_store.commit_turn(write)
-        await assert_no_open_write(path)
+        assert_no_open_write(path)
     assert state.version == 1
     assert await raw_store.load(key()) == state
 
