@@ -146,3 +146,11 @@ async def store(store_url: str) -> AsyncIterator[Store]:
         yield opened
     finally:
         await opened.close()
+
+
+# Property tests must not fail because a shared CI machine is slow: no
+# per-example deadline (hypothesis' default is 200 ms).
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("helpline", deadline=None)
+_hypothesis_settings.load_profile("helpline")
