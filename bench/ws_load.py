@@ -267,6 +267,78 @@ def instrument_server(stamps: dict[str, list[Any]]) -> None:
     ClaudeModel._create = _create  # type: ignore[method-assign]
 
 
+def apply_experiments(names: list[str]) -> dict[str, Any]:
+    """Candidate fixes, patched into the server process only (``--experiment``).
+
+    They measure what a change to engine/ would buy; the engine's files are untouched.
+    Returns uvicorn.Config overrides.
+    """
+    overrides: dict[str, Any] = {}
+    for name in names:
+        if name == "fast_tokens":
+            # engine/memory.py estimate_tokens: same result, no per-character Python loop.
+            import math
+
+            import engine.memory as memory
+
+            cjk_re = re.compile("[\u3000-\u9fff\uf900-\ufaff\uff00-\uffef]")
+
+            def estimate_tokens(text: str) -> int:
+                if text.isascii():
+                    return math.ceil(len(text) / 3.5)
+                cjk = len(cjk_re.findall(text))
+                return math.ceil(cjk * 1.3 + (len(text) - cjk) / 3.5)
+
+            memory.estimate_tokens = estimate_tokens
+        elif name == "no_template_reload":
+            # engine/flow/templates.py make_environment: auto_reload=False (no stat per render).
+            import engine.flow.templates as templates
+
+            orig_env = templates.make_environment
+
+            def make_environment(prompts_dir: Any) -> Any:
+                env = orig_env(prompts_dir)
+                env.auto_reload = False
+                return env
+
+            templates.make_environment = make_environment
+            import engine.flow.loader as loader
+
+            if hasattr(loader, "make_environment"):
+                loader.make_environment = make_environment
+        elif name.startswith("sdk_shards"):
+            # engine/models/claude.py: k AsyncAnthropic clients (k httpx pools), round robin:
+            # httpcore scans every pooled connection on each request start and end.
+            from itertools import cycle
+
+            from anthropic import AsyncAnthropic
+
+            from engine.models.claude import ClaudeModel
+
+            k = int(name.removeprefix("sdk_shards") or 8)
+            orig_init = ClaudeModel.__init__
+            orig_create = ClaudeModel._create
+
+            def __init__(self: Any, **kw: Any) -> None:
+                orig_init(self, **kw)
+                c = self.client
+                self._shards = cycle([c] + [AsyncAnthropic(
+                    api_key=c.api_key, base_url=c.base_url, timeout=c.timeout,
+                    max_retries=c.max_retries) for _ in range(k - 1)])
+
+            async def _create(self: Any, role: str, **kwargs: Any) -> Any:
+                self.client = next(self._shards)
+                return await orig_create(self, role, **kwargs)
+
+            ClaudeModel.__init__ = __init__  # type: ignore[method-assign]
+            ClaudeModel._create = _create  # type: ignore[method-assign]
+        elif name == "no_deflate":
+            overrides["ws_per_message_deflate"] = False
+        else:
+            raise SystemExit(f"unknown experiment {name!r}")
+    return overrides
+
+
 def run_server(cfg: dict[str, Any]) -> None:
     """``--role server``: uvicorn on cfg['port'] until SIGTERM; then dump stamps to cfg['out']."""
     import uvicorn
@@ -275,6 +347,7 @@ def run_server(cfg: dict[str, Any]) -> None:
     from engine.server.app import create_app
 
     os.environ["ANTHROPIC_API_KEY"] = API_KEY
+    overrides = apply_experiments(cfg.get("experiments") or [])
     stamps: dict[str, list[Any]] = {}
     instrument_server(stamps)
     fake_thread = None
@@ -303,7 +376,7 @@ def run_server(cfg: dict[str, Any]) -> None:
     config = uvicorn.Config(app, host="127.0.0.1", port=cfg["port"], ws="websockets-sansio",
                             ws_max_size=65536, lifespan="on", log_config=None,
                             log_level="warning", access_log=False, timeout_graceful_shutdown=10,
-                            backlog=4096)
+                            backlog=4096, **overrides)
     class _Server(uvicorn.Server):
         """SIGTERM -> graceful shutdown, without uvicorn re-raising the signal afterwards
         (that would kill the process before it writes its measurements)."""
@@ -682,6 +755,7 @@ async def run_level(n: int, args: argparse.Namespace, tmp: Path, fake_url: str |
         "port": port, "db": str(level_dir / "helpline.db"), "flows_dir": str(args.flows_dir),
         "fake_url": fake_url, "fake_in_server": args.fake_in_server, "latency": MODEL_LATENCY,
         "out": str(level_dir / "server-out.json"), "cprofile": cprofile,
+        "experiments": args.experiment,
         "settings": {} if args.default_limits else {
             # 1000 clients x 1 msg / 4 s x 0.2 s = 50 model calls in flight on average;
             # the defaults (16 in total, 8 per model id) cap a process at 40 decisions/s.
@@ -938,6 +1012,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "store": "SQLite file (temp dir), fresh per level",
             "flows": "copy of flows/ with refund.handoff.max_failed_attempts 3 -> 20",
             "stale_after_s": STALE_AFTER,
+            "experiments": args.experiment,
         },
         "levels": levels,
         "fake_process_cpu_s": round(fake_cpu, 2) if fake_cpu is not None else None,
@@ -1047,6 +1122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-profile", help="copy the server's .prof file here")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, dumps)")
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--experiment", type=lambda s: [x for x in s.split(",") if x], default=[],
+                   help="candidate engine fixes patched into the server (measurement only): "
+                        "fast_tokens, no_template_reload, sdk_shards<k>, no_deflate")
     p.add_argument("--notes", help="a JSON file with a list of notes for the results")
     return p.parse_args(argv)
 

@@ -271,15 +271,17 @@ class Engine:
 
     async def _handle_locked(self, inbound: Inbound, deliver: bool) -> TurnResult:
         started = time.perf_counter()
-        # A redelivery that queued behind the original on the lock must not
-        # replay the turn (model calls, side effects): check again.
-        if inbound.channel_message_id is not None and await self.store.seen(
-            inbound.key.channel, inbound.channel_message_id
-        ):
+        # Checked under the lock: a redelivery that queued behind the original
+        # must not replay the turn (model calls, side effects). One store call
+        # answers both questions.
+        conv, duplicate = await self.store.load_for_turn(inbound.key,
+                                                         inbound.channel_message_id)
+        if duplicate:
             self.stats["duplicates"] += 1
             return TurnResult("", duplicate=True)
         for attempt in range(self.max_retries_on_conflict + 1):
-            conv = await self.store.load(inbound.key)
+            if attempt:  # after a version conflict: the fresh state
+                conv = await self.store.load(inbound.key)
             if conv is None:
                 conv = new_conversation(inbound.key, inbound.received_at)
             turn_inbound = inbound

@@ -267,6 +267,42 @@ async def test_refused_turns_leave_no_transaction_open(
     assert await raw_store.load(key()) == state
 
 
+async def test_reads_leave_no_snapshot_open(tmp_path: Path, raw_store: SQLStore) -> None:
+    """A read whose statement stayed un-reset would pin its WAL snapshot until the next call."""
+    state = new_state()
+    cid = state.id
+    await raw_store.commit_turn(
+        TurnWrite(state, expected_version=0, messages=[inbound(cid, 1, "a", "m-1")])
+    )
+    other = sqlite3.connect(tmp_path / "raw.db", isolation_level=None, timeout=0)
+    try:
+        other.execute("CREATE TABLE scratch (x)")
+
+        def checkpoint() -> tuple[int, int, int]:
+            other.execute("INSERT INTO scratch VALUES (1)")
+            return tuple(other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone())
+
+        reads = [
+            raw_store.load_for_turn(key(), "m-1"),
+            raw_store.load_for_turn(key("none"), "m-2"),
+            raw_store.load(key()),
+            raw_store.seen("web", "m-1"),
+            raw_store.load_by_id(cid),
+        ]
+        for read in reads:
+            other.execute("INSERT INTO scratch VALUES (0)")
+            await read
+            assert checkpoint() == (0, 0, 0)  # (busy, WAL frames, checkpointed)
+
+        def pin(cursor: sqlite3.Cursor) -> None:  # the control: a half-read statement
+            cursor.execute("SELECT seq FROM message UNION ALL SELECT 1").fetchone()
+
+        await raw_store._raw(pin)
+        assert checkpoint()[0] == 1
+    finally:
+        other.close()
+
+
 async def test_database_errors_are_store_errors(raw_store: SQLStore) -> None:
     state = new_state()
     await raw_store.commit_turn(TurnWrite(state, expected_version=0))
