@@ -387,7 +387,13 @@ class TurnCore:
                     yield from self.enter(taken.dest, taken.reason)
                     return
             conv.state = None
+            before = len(self.replies)
             yield from self.enter(start.name, None)
+            if conv.state == start.name and conv.owner == "bot" and decision.reply:
+                # Still at the start, e.g. a free-form question: the model's own
+                # answer (or a safe reply) beats the start state's generic text.
+                del self.replies[before:]
+                self.say(decision.reply)
             return
         if jump_to is not None and jump_to != conv.state:
             self.event("correction_rewind", to=jump_to)
