@@ -200,6 +200,28 @@ class HandoffDesk:
         await self._apply(conversation_id, agent, "resolve", change,
                           say=self._text("resolved"), event_text=f"resolved by {agent}")
 
+    async def close(self, conversation_id: str, *, reason: str, detail: str = "") -> bool:
+        """Close a conversation the customer can no longer be reached in.
+
+        Used by channels (e.g. the customer blocked the bot): whoever owns it,
+        it ends resolved, leaves the agents' queue, and no message is sent.
+        Returns False if it was already closed.
+        """
+        def change(conv: ConversationState) -> None:
+            if conv.closed and conv.owner == "resolved":
+                raise OwnershipError(conv.id, "close", "already closed")
+            conv.owner = "resolved"
+            conv.closed = True
+            conv.waiting_since = None
+
+        try:
+            await self._apply(conversation_id, None, "resolve", change,
+                              event_text=detail or f"closed: {reason}",
+                              data={"reason": reason})
+        except OwnershipError:
+            return False
+        return True
+
     async def expire(self) -> list[str]:
         """Hand back conversations that waited longer than the queue timeout."""
         now = self.engine.clock()

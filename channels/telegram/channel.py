@@ -61,8 +61,6 @@ from channels.telegram.queues import KeyedWorkers
 from channels.telegram.sender import TelegramSender
 from engine.core.types import Outbound
 from engine.errors import ChannelError
-from engine.handoff import OwnershipError
-from engine.store.base import ConversationState
 
 if TYPE_CHECKING:
     from engine.server.context import ServerContext
@@ -326,21 +324,11 @@ class TelegramChannel:
                 return
             conversation_id = conv.id
 
-        def close(conv: ConversationState) -> None:
-            if conv.closed and conv.owner == "resolved":
-                raise OwnershipError(conv.id, "resolve", "already closed")
-            conv.owner = "resolved"
-            conv.closed = True
-            conv.waiting_since = None
-
-        try:
-            # The desk's versioned commit under the conversation lock, which also
-            # tells the agent console; no message is sent (nobody could read it).
-            await self.context.desk._apply(
-                conversation_id, None, "resolve", close,
-                event_text="the customer blocked the bot on Telegram",
-                data={"reason": "blocked", "channel": CHANNEL})
-        except OwnershipError:
+        # The desk's versioned commit under the conversation lock, which also
+        # tells the agent console; no message is sent (nobody could read it).
+        if not await self.context.desk.close(
+                conversation_id, reason="blocked",
+                detail="the customer blocked the bot on Telegram"):
             return
         logger.info("telegram: conversation %s closed (chat %s blocked the bot)",
                     conversation_id, chat)
