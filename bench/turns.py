@@ -36,6 +36,16 @@ conversation, ... so every load really reads the store (no hot object is
 reused). Every inbound carries a channel message id, so ``Engine.handle``
 does its dedupe lookup too.
 
+Every engine is built as ``engine.app.build_app`` leaves it for serving: once
+the engine exists, ``gc.collect()`` then ``gc.freeze()`` (``make_engine``), so
+full collections skip everything built at start-up. A comparison row runs the
+in-memory engine without the freeze, and one wires it as ``build_app`` does
+(``Privacy`` redaction and ``Metrics``). On SQLite the store answers a turn with
+two store calls (``load_for_turn``: dedupe lookup + load, then ``commit_turn``),
+each one job on the store's own worker thread, running raw SQL on a sqlite3
+cursor; the statements are counted with the connection's
+``set_trace_callback`` (SQLAlchemy's events do not see that path).
+
 The floor does the same journey by hand: a dict state per conversation kept
 as JSON text (in a dict, or in a SQLite row), per turn one ``json.loads``, the
 same entity/result updates, one render of a precompiled Jinja template (same
@@ -473,8 +483,33 @@ def run_floor(script: Script, n: int, sqlite_path: Path | None) -> Timing:
 # --------------------------------------------------------------------------- the engine
 
 
-def make_engine(flows: FlowSet, store: Store, model: Model, actions: ActionRegistry) -> Engine:
-    return Engine(flows, store, model, actions)
+def make_engine(flows: FlowSet, store: Store, model: Model, actions: ActionRegistry, *,
+                freeze: bool = True, production: bool = False) -> Engine:
+    """The engine, with the garbage collector as ``engine.app.build_app`` leaves it.
+
+    ``build_app`` ends with ``gc.collect(); gc.freeze()``: everything alive at
+    start-up moves to the permanent generation, which full collections skip.
+    Done here too (``freeze=False`` for the comparison row); :func:`phase`
+    unfreezes between variants, so each one starts from its own freeze.
+    ``production`` wires the engine as ``build_app`` does: ``Privacy``
+    (redaction of the model's text, reply filter) and ``Metrics``.
+    """
+    if production:
+        from engine.metrics import Metrics
+        from engine.safety.privacy import Privacy
+
+        engine = Engine(flows, store, model, actions, privacy=Privacy(), metrics=Metrics())
+    else:
+        engine = Engine(flows, store, model, actions)
+    if freeze:
+        freeze_like_build_app()
+    return engine
+
+
+def freeze_like_build_app() -> None:
+    """What ``engine.app.build_app`` does once the engine is built."""
+    gc.collect()
+    gc.freeze()
 
 
 async def run_engine(engine: Engine, run: str, n: int,
@@ -517,48 +552,113 @@ async def check_conversations(store: Store, run: str, n: int) -> None:
 
 
 class StoreWork:
-    """Counts statements, rows written, commits and store calls on a SQLStore's engine."""
+    """Counts statements, rows written, commits and store calls of a SQLStore on SQLite.
+
+    The per-turn statements run on the store's raw sqlite3 cursor (its fast
+    path), which SQLAlchemy's events never see: they are counted with the
+    connection's ``set_trace_callback`` (installed on the worker thread by
+    :meth:`attach`). sqlite3 reports every execution, and ``executemany`` runs
+    its statement once per row, so consecutive INSERTs into the same table are
+    counted as one statement (one ``executemany``) and each as a row written.
+    The implicit ``BEGIN`` and the ``COMMIT`` are counted apart. Statements
+    that still go through SQLAlchemy (anything off the fast path) are counted
+    with its ``before_cursor_execute``/``commit`` events and added in. Store
+    calls are jobs handed to the store's worker thread (``SQLStore._call``,
+    one thread hop each), whichever path they take.
+    """
 
     def __init__(self, store: Any) -> None:
         from sqlalchemy import event
 
-        # SQLite runs on a synchronous engine (one worker thread); async drivers
-        # expose the same events on ``AsyncEngine.sync_engine``.
-        sync_engine = store._sync_engine or store._async_engine.sync_engine
+        self.store = store
         self.statements: dict[str, int] = {}
+        self.executions: dict[str, int] = {}
         self.rows_written = 0
         self.commits = 0
-        self.checkouts = 0
-        self.enabled = True
+        self.transactions = 0
+        self.rollbacks = 0
+        self.calls = 0
+        self.via_sqlalchemy = 0
+        self.enabled = False
+        self._last_insert: str | None = None
+
+        inner_call = store._call
+
+        def counting_call(fn: Callable[[], Any]) -> Any:
+            if self.enabled:
+                self.calls += 1
+            return inner_call(fn)
+
+        store._call = counting_call
+        sync_engine = store._sync_engine
 
         def on_execute(conn: Any, cursor: Any, statement: str, parameters: Any,
                        context: Any, executemany: bool) -> None:
             if not self.enabled:
                 return
             verb = statement.lstrip().split(None, 1)[0].upper()
+            self.via_sqlalchemy += 1
             self.statements[verb] = self.statements.get(verb, 0) + 1
+            rows = len(parameters) if executemany else 1
+            self.executions[verb] = self.executions.get(verb, 0) + rows
             if verb in ("INSERT", "UPDATE"):
-                self.rows_written += len(parameters) if executemany else 1
+                self.rows_written += rows
 
         def on_commit(conn: Any) -> None:
             if self.enabled:
                 self.commits += 1
 
-        def on_checkout(*args: Any) -> None:
-            if self.enabled:
-                self.checkouts += 1
-
         event.listen(sync_engine, "before_cursor_execute", on_execute)
         event.listen(sync_engine, "commit", on_commit)
-        event.listen(sync_engine.pool, "checkout", on_checkout)
+
+    def _trace(self, sql: str) -> None:
+        if not self.enabled:
+            return
+        words = sql.split(None, 3)
+        verb = words[0].upper() if words else ""
+        if verb == "BEGIN":
+            self.transactions += 1
+        elif verb == "COMMIT":
+            self.commits += 1
+        elif verb == "ROLLBACK":
+            self.rollbacks += 1
+        else:
+            self.executions[verb] = self.executions.get(verb, 0) + 1
+            insert_into = words[2] if verb == "INSERT" and len(words) > 2 else None
+            if insert_into is None or insert_into != self._last_insert:
+                self.statements[verb] = self.statements.get(verb, 0) + 1
+            if verb in ("INSERT", "UPDATE"):
+                self.rows_written += 1
+            self._last_insert = insert_into
+            return
+        self._last_insert = None
+
+    async def attach(self) -> None:
+        """Install the trace callback on the fast path's connection (worker thread)."""
+        if not self.store.raw_sqlite:
+            return
+        trace = self._trace
+        await self.store._raw(lambda cursor: cursor.connection.set_trace_callback(trace))
+
+    async def detach(self) -> None:
+        self.enabled = False
+        if self.store.raw_sqlite:
+            await self.store._raw(lambda cursor: cursor.connection.set_trace_callback(None))
 
     def per_turn(self, turns: int) -> dict[str, Any]:
         return {
             "statements": round(sum(self.statements.values()) / turns, 2),
             "by_verb": {k: round(v / turns, 2) for k, v in sorted(self.statements.items())},
+            "executions": round(sum(self.executions.values()) / turns, 2),
             "rows_written": round(self.rows_written / turns, 2),
+            "transactions": round(self.transactions / turns, 2),
             "commits": round(self.commits / turns, 2),
-            "store_calls": round(self.checkouts / turns, 2),
+            "rollbacks": round(self.rollbacks / turns, 2),
+            "store_calls": round(self.calls / turns, 2),
+            "statements_via_sqlalchemy": round(self.via_sqlalchemy / turns, 2),
+            "counted_with": "sqlite3 set_trace_callback on the store's fast-path connection "
+                            "(+ SQLAlchemy events for anything else); store calls = jobs on "
+                            "the store's worker thread (SQLStore._call)",
         }
 
 
@@ -1138,10 +1238,15 @@ def machine_info() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def phase(name: str) -> Iterator[None]:
+    """One part of the run; the previous part's gc.freeze() is undone before it."""
     print(f"- {name} ...", flush=True)
+    gc.unfreeze()
     gc.collect()
     started = time.perf_counter()
-    yield
+    try:
+        yield
+    finally:
+        gc.unfreeze()
     print(f"  ({time.perf_counter() - started:.1f} s)", flush=True)
 
 

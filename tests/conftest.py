@@ -154,3 +154,28 @@ from hypothesis import settings as _hypothesis_settings  # noqa: E402
 
 _hypothesis_settings.register_profile("helpline", deadline=None)
 _hypothesis_settings.load_profile("helpline")
+
+
+# -- the fake Claude Messages API, shared by the model, memory and conversation tests --
+
+from collections.abc import AsyncIterator as _AsyncIterator  # noqa: E402
+
+from engine.models.claude import ClaudeModel as _ClaudeModel  # noqa: E402
+from tests.fakes.claude_api import FakeClaude as _FakeClaude  # noqa: E402
+
+
+@pytest.fixture
+async def fake() -> _AsyncIterator[_FakeClaude]:
+    """A fake Claude Messages API on 127.0.0.1 (a real HTTP server)."""
+    async with _FakeClaude() as server:
+        yield server
+
+
+@pytest.fixture
+async def claude(fake: _FakeClaude) -> _AsyncIterator[_ClaudeModel]:
+    """A ClaudeModel on the fake through the real SDK; no retries, a short timeout."""
+    model = _ClaudeModel(client=fake.client(max_retries=0, timeout=5.0))
+    try:
+        yield model
+    finally:
+        await model.close()

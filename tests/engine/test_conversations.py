@@ -155,21 +155,6 @@ async def harness(demo_flows: FlowSet) -> AsyncIterator[Harness]:
         yield Harness(shop, build_actions(shop), demo_flows)
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeClaude]:
-    async with FakeClaude() as server:
-        yield server
-
-
-@pytest.fixture
-async def claude(fake: FakeClaude) -> AsyncIterator[ClaudeModel]:
-    model = ClaudeModel(client=fake.client(max_retries=0, timeout=5.0))
-    try:
-        yield model
-    finally:
-        await model.close()
-
-
 def text_of(content: Any) -> str:
     """The text of a message's content: a string, or text blocks (tool blocks skipped)."""
     if isinstance(content, str):

@@ -597,21 +597,6 @@ def small_flows(tmp_path: Path, actions: ActionRegistry) -> FlowSet:
                            actions)
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeClaude]:
-    async with FakeClaude() as server:
-        yield server
-
-
-@pytest.fixture
-async def claude(fake: FakeClaude) -> AsyncIterator[ClaudeModel]:
-    model = ClaudeModel(client=fake.client(max_retries=0, timeout=5.0))
-    try:
-        yield model
-    finally:
-        await model.close()
-
-
 async def assert_refunded_the_corrected_order(chat: LongChat, shop: Shop, source: str) -> None:
     """The journey ended with the corrected order refunded, and the store shows why."""
     conv = await chat.conv()

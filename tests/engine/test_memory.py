@@ -280,21 +280,6 @@ def test_system_prompt_is_a_stable_cached_block_then_the_memory(flows: FlowSet) 
         two[1]["text"]
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeClaude]:
-    async with FakeClaude() as server:
-        yield server
-
-
-@pytest.fixture
-async def claude(fake: FakeClaude) -> AsyncIterator[ClaudeModel]:
-    model = ClaudeModel(client=fake.client(max_retries=0, timeout=5.0))
-    try:
-        yield model
-    finally:
-        await model.close()
-
-
 async def test_decide_asks_for_the_pinned_echo_on_check_turns_and_caches_the_prefix(
     fake: FakeClaude, claude: ClaudeModel, flows: FlowSet
 ) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,6 @@ from engine.demo.shop import Shop
 from engine.flow.compiled import FlowSet
 from engine.flow.loader import load_flows
 from engine.models.base import DecisionRequest, RouteCandidate, RouteRequest
-from engine.models.claude import ClaudeModel
 from tests.engine.llm.support import FaqBrain
 from tests.fakes.claude_api import FakeClaude
 
@@ -34,25 +32,10 @@ def test_flows() -> FlowSet:
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeClaude]:
-    async with FakeClaude() as server:
-        yield server
-
-
-@pytest.fixture
 def brain(flows: FlowSet, fake: FakeClaude) -> FaqBrain:
     smart = FaqBrain(flows)
     smart.install(fake)
     return smart
-
-
-@pytest.fixture
-async def claude(fake: FakeClaude) -> AsyncIterator[ClaudeModel]:
-    model = ClaudeModel(client=fake.client(max_retries=0, timeout=5.0))
-    try:
-        yield model
-    finally:
-        await model.close()
 
 
 def faq_request(flows: FlowSet, text: str, language: str = "en",
