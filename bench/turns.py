@@ -792,63 +792,97 @@ def _wrap_templates(flows: FlowSet, meter: _CpuMeter, clock: Callable[[], int]) 
                 meter.wrap_sync(template, "render", "jinja render (say/ask texts)", clock)
 
 
-def _capture_fires(machine: Any, fired: list[tuple[Any, Any, str, str, Any]]) -> None:
-    """Record (the unwrapped fire, machine, state, trigger, scope) of the first calls."""
+def _capture_fires(machine: Any, fired: list[tuple[Any, str, str, Any]]) -> None:
+    """Record (machine, state, trigger, scope) of the first calls to ``machine.fire``."""
     inner = machine.fire
 
     def capture(state: str, trigger: str, scope: Any) -> Any:
         if len(fired) < 5000:
-            fired.append((inner, machine, state, trigger, scope))
+            fired.append((machine, state, trigger, scope))
         return inner(state, trigger, scope)
 
     machine.fire = capture
 
 
-def _fire_prototype(calls: list[tuple[Any, Any, str, str, Any]]) -> dict[str, Any]:
-    """The machine's fire against the proposed table lookup, on the run's real calls.
-
-    The table holds each (source, trigger)'s transitions in declared order and
-    takes the first whose guard holds: the semantics of transitions' trigger.
-    """
+def _fire_check(calls: list[tuple[Any, str, str, Any]]) -> dict[str, Any]:
+    """``FlowMachine.fire`` (the dispatch table) against ``fire_via_machine``
+    (transitions' own trigger machinery) on the run's real calls: cost per
+    call, and how many calls the two answer differently (must be 0)."""
     if not calls:
         return {}
-    tables: dict[int, dict[tuple[str, str], tuple[Any, ...]]] = {}
-    for _, machine, *_ in calls:
-        if id(machine) not in tables:
-            table: dict[tuple[str, str], list[Any]] = {}
-            for t in machine.transitions:
-                table.setdefault((t.source, t.trigger), []).append(t)
-            tables[id(machine)] = {k: tuple(v) for k, v in table.items()}
-
-    def by_table(machine: Any, state: str, trigger: str, scope: Any) -> Any:
-        for t in tables[id(machine)][(state, trigger)]:
-            if t.guard is None or t.guard.evaluate(scope):
-                return t
-        return None
-
     mismatches = 0
-    for fire, machine, state, trigger, scope in calls:
-        expected = fire(state, trigger, scope)
-        if by_table(machine, state, trigger, scope) is not expected:
+    for machine, state, trigger, scope in calls:
+        if type(machine).fire(machine, state, trigger, scope) is not \
+                machine.fire_via_machine(state, trigger, scope):
             mismatches += 1
     timings = {}
-    for label, fn in (("transitions", None), ("table", by_table)):
+    for label in ("transitions", "table"):
         best = float("inf")
         for _ in range(3):
             started = time.thread_time_ns()
-            for fire, machine, state, trigger, scope in calls:
-                if fn is None:
-                    fire(state, trigger, scope)
+            for machine, state, trigger, scope in calls:
+                if label == "table":
+                    type(machine).fire(machine, state, trigger, scope)
                 else:
-                    fn(machine, state, trigger, scope)
+                    machine.fire_via_machine(state, trigger, scope)
             best = min(best, (time.thread_time_ns() - started) / len(calls) / 1000)
         timings[label] = round(best, 2)
     return {**timings, "calls_compared": len(calls), "different_results": mismatches}
 
 
+class _WorkerMeter:
+    """Wraps ``SQLStore._call``: the worker thread's CPU and wall time per job, by job.
+
+    A job is ``functools.partial(store._raw_in_thread, raw_fn, ...)`` on the
+    fast path (labelled by ``raw_fn``) or ``partial(store._in_thread, fn, ...)``
+    through SQLAlchemy.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self.cpu_ns: dict[str, int] = {}
+        self.wall_ns: dict[str, int] = {}
+        self.jobs: dict[str, int] = {}
+        inner_call = store._call
+
+        def timed_call(fn: Callable[[], Any]) -> Any:
+            args = getattr(fn, "args", ())
+            target = args[0] if args else fn
+            label = getattr(target, "__name__", type(target).__name__)
+
+            def job() -> Any:
+                wall0, cpu0 = time.perf_counter_ns(), time.thread_time_ns()
+                try:
+                    return fn()
+                finally:
+                    self.cpu_ns[label] = (self.cpu_ns.get(label, 0)
+                                          + time.thread_time_ns() - cpu0)
+                    self.wall_ns[label] = (self.wall_ns.get(label, 0)
+                                           + time.perf_counter_ns() - wall0)
+                    self.jobs[label] = self.jobs.get(label, 0) + 1
+
+            return inner_call(job)
+
+        store._call = timed_call
+
+    def clear(self) -> None:
+        self.cpu_ns.clear()
+        self.wall_ns.clear()
+        self.jobs.clear()
+
+    def per_turn(self, turns: int) -> dict[str, dict[str, float]]:
+        return {label: {"cpu_us_per_turn": round(self.cpu_ns[label] / turns / 1000, 1),
+                        "wall_us_per_turn": round(self.wall_ns[label] / turns / 1000, 1),
+                        "jobs_per_turn": round(self.jobs[label] / turns, 2)}
+                for label in sorted(self.jobs, key=lambda k: -self.wall_ns[k])}
+
+
 _REST = "everything else"
 _GC = "garbage collector (wall, inside the parts)"
 _OVERHEAD = "instrumentation overhead (estimated)"
+_FIRE = "state machine fire (dispatch table)"
+_STORE_METHODS = (("seen", "store.seen"), ("load", "store.load"),
+                  ("load_for_turn", "store.load_for_turn"),
+                  ("commit_turn", "store.commit_turn"))
 
 
 async def breakdown(flows_dir: Path, prompts_dir: Path, script: Script, n: int,
@@ -857,7 +891,8 @@ async def breakdown(flows_dir: Path, prompts_dir: Path, script: Script, n: int,
 
     Fresh flows (the instrumentation wraps their machines and templates), a
     memory run timed in thread CPU time, and a SQLite run timed in wall time as
-    the event loop sees each store call (thread hop included).
+    the event loop sees each store call (thread hop included), with the worker
+    thread's own time per job next to it.
     """
     from sqlalchemy import bindparam, select
 
@@ -871,13 +906,12 @@ async def breakdown(flows_dir: Path, prompts_dir: Path, script: Script, n: int,
     cpu = time.thread_time_ns
     meter = _CpuMeter()
     store = MemoryStore()
-    for name, label in (("seen", "store.seen"), ("load", "store.load"),
-                        ("commit_turn", "store.commit_turn")):
+    for name, label in _STORE_METHODS:
         meter.wrap_async(store, name, label, cpu)
-    fired: list[tuple[Any, Any, str, str, Any]] = []
+    fired: list[tuple[Any, str, str, Any]] = []
     for flow in flows:
         _capture_fires(flow.machine, fired)
-        meter.wrap_sync(flow.machine, "fire", "state machine fire (transitions)", cpu)
+        meter.wrap_sync(flow.machine, "fire", _FIRE, cpu)
     _wrap_templates(flows, meter, cpu)
     # A few parts of the turn core, patched on the class/module for this run only
     # (skipped if the core no longer has them).
@@ -904,6 +938,7 @@ async def breakdown(flows_dir: Path, prompts_dir: Path, script: Script, n: int,
     finally:
         for obj, name, original in saved:
             setattr(obj, name, original)
+        gc.unfreeze()
     turns = n * TURNS
     parts = meter.per_turn(turns)
     gc_us = timing.gc.summary(turns)["gc_us_per_turn"]
@@ -917,46 +952,67 @@ async def breakdown(flows_dir: Path, prompts_dir: Path, script: Script, n: int,
         _REST: round(total / turns / 1000 - accounted - overhead, 1),
     }
 
-    out["machine_fire_us_per_call"] = _fire_prototype(fired[:5000])
+    out["machine_fire_us_per_call"] = _fire_check(fired[:5000])
 
-    # SQLite: wall time of each store call as the event loop awaits it.
+    # SQLite: wall time of each store call as the event loop awaits it, and the
+    # worker thread's own CPU/wall time per job (the rest of the wall time is the
+    # hop there and back, and waiting for the event loop).
     wall = time.perf_counter_ns
     meter = _CpuMeter()
     db_path = tmp / "breakdown.db"
     sql_store = SQLStore(f"sqlite:///{db_path}")
     await sql_store.open()
-    for name, label in (("seen", "store.seen"), ("load", "store.load"),
-                        ("commit_turn", "store.commit_turn")):
+    for name, label in _STORE_METHODS:
         meter.wrap_async(sql_store, name, label, wall)
+    worker = _WorkerMeter(sql_store)
     engine = make_engine(flows, sql_store, ScriptedModel(script), actions)
     await run_engine(engine, "bdwarm", 20)
     meter.ns.clear()
     meter.calls.clear()
+    worker.clear()
+    cpu_started = time.process_time_ns()
     timing = await run_engine(engine, "bd", n)
+    process_cpu = time.process_time_ns() - cpu_started
+    gc.unfreeze()
     out["sqlite_wall_us_per_turn"] = {
         "total": timing.summary()["mean_us"],
+        "process_cpu": round(process_cpu / turns / 1000, 1),
         **{k: v for k, v in meter.per_turn(turns).items() if k.startswith("store.")},
     }
+    out["sqlite_worker_us_per_turn"] = worker.per_turn(turns)
 
-    # The price of one thread hop, and of SQLAlchemy Core over the raw driver.
+    # The price of one thread hop: a no-op job on the store's own worker thread
+    # (SQLStore._call, what every store call pays), and for reference the
+    # loop.run_in_executor hop the store used before.
     from concurrent.futures import ThreadPoolExecutor
 
+    hops = 2000
+
+    async def hop_cost(hop: Callable[[], Awaitable[Any]]) -> dict[str, float]:
+        await hop()
+        best: dict[str, float] = {}
+        for _ in range(3):
+            started, cpu_started = wall(), time.process_time_ns()
+            for _ in range(hops):
+                await hop()
+            run = {"wall": round((wall() - started) / hops / 1000, 1),
+                   "cpu": round((time.process_time_ns() - cpu_started) / hops / 1000, 1)}
+            if not best or run["cpu"] < best["cpu"]:
+                best = run
+        return best
+
+    worker.clear()
+    out["thread_hop_us"] = await hop_cost(lambda: sql_store._call(int))
     loop = asyncio.get_running_loop()
     with ThreadPoolExecutor(1) as executor:
-        await loop.run_in_executor(executor, int)
-        hops = 2000
-        started, cpu_started = wall(), time.process_time_ns()
-        for _ in range(hops):
-            await loop.run_in_executor(executor, int)
-        out["thread_hop_us"] = {"wall": round((wall() - started) / hops / 1000, 1),
-                                "cpu": round((time.process_time_ns() - cpu_started)
-                                             / hops / 1000, 1)}
+        out["executor_hop_us"] = await hop_cost(lambda: loop.run_in_executor(executor, int))
+
     conversation = STORE_TABLES[0]
     keys = [conversation_key("bd", i) for i in range(min(n, 500))]
 
     def select_cost(conn: Any) -> dict[str, float]:
         c = conversation.c
-        # Built once with bind parameters, as the store builds its statements.
+        # Built once with bind parameters, as the store builds its Core statements.
         statement = select(*conversation.columns).where(
             c.channel == bindparam("k_channel"), c.account == bindparam("k_account"),
             c.thread == bindparam("k_thread"))
@@ -1169,22 +1225,35 @@ async def concurrency_sweep(flows: FlowSet, script: Script, actions: ActionRegis
 
 
 async def profile(kind: str, n: int, top: int = 30) -> str:
-    """cProfile of the scripted in-memory or SQLite run (SQLite work on the worker
-    thread is not seen by cProfile: ``--profile sqlite`` runs the store inline)."""
+    """cProfile of the scripted in-memory or SQLite run.
+
+    cProfile sees only the thread it runs on, so ``--profile sqlite`` runs the
+    store's jobs inline: ``SQLStore._call`` (which every store call, fast path
+    or SQLAlchemy, goes through) is replaced by one that runs the job at once
+    and returns an already resolved future. The thread hops are then missing
+    from the profile (see ``thread_hop_us`` in the results).
+    """
     script = await record_script(ROOT / "flows", ROOT / "prompts")
     actions = replay_actions(script)
     flows = load_flows(ROOT / "flows", ROOT / "prompts", actions.names())
+    loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory() as tmp:
         store: Store
+        sql_store: Any = None
         if kind == "sqlite":
             from engine.store.sql import SQLStore
 
             sql_store = SQLStore(f"sqlite:///{Path(tmp) / 'engine.db'}")
 
-            async def inline(write: bool, fn: Any, *args: Any, **kwargs: Any) -> Any:
-                return sql_store._in_thread(fn, args, kwargs, write)
+            def inline(fn: Callable[[], Any]) -> asyncio.Future[Any]:
+                future: asyncio.Future[Any] = loop.create_future()
+                try:
+                    future.set_result(fn())
+                except BaseException as error:  # noqa: BLE001 - handed to the awaiting task
+                    future.set_exception(error)
+                return future
 
-            sql_store._run = inline  # type: ignore[method-assign]
+            sql_store._call = inline
             store = sql_store
         else:
             store = MemoryStore()
@@ -1195,7 +1264,12 @@ async def profile(kind: str, n: int, top: int = 30) -> str:
         profiler.enable()
         await run_engine(engine, "prof", n)
         profiler.disable()
-        await store.close()
+        if sql_store is not None:
+            # No worker thread was started: close the fast path's connection here.
+            sql_store._close_in_thread()
+        else:
+            await store.close()
+        gc.unfreeze()
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out).strip_dirs()
     stats.sort_stats("tottime").print_stats(top)
@@ -1250,10 +1324,21 @@ def phase(name: str) -> Iterator[None]:
     print(f"  ({time.perf_counter() - started:.1f} s)", flush=True)
 
 
-VARIANTS = ("floor_memory", "engine_memory", "engine_memory_gc_frozen", "floor_sqlite",
-            "engine_sqlite", "engine_offline_memory")
-FLOOR_OF = {"engine_memory": "floor_memory", "engine_memory_gc_frozen": "floor_memory",
-            "engine_sqlite": "floor_sqlite", "engine_offline_memory": "floor_memory"}
+VARIANTS = ("floor_memory", "engine_memory", "engine_memory_unfrozen",
+            "engine_memory_production", "floor_sqlite", "engine_sqlite",
+            "engine_offline_memory")
+FLOOR_OF = {"engine_memory": "floor_memory", "engine_memory_unfrozen": "floor_memory",
+            "engine_memory_production": "floor_memory", "engine_sqlite": "floor_sqlite",
+            "engine_offline_memory": "floor_memory"}
+VARIANT_LABELS = {
+    "floor_memory": "floor, in memory",
+    "floor_sqlite": "floor, SQLite",
+    "engine_memory": "engine, scripted model, memory store",
+    "engine_memory_unfrozen": "same, without gc.freeze()",
+    "engine_memory_production": "same, wired as build_app (Privacy, Metrics)",
+    "engine_sqlite": "engine, scripted model, SQLite store",
+    "engine_offline_memory": "engine, offline model, memory store",
+}
 
 
 def _bytes_after_round(work: StoreWork, per_round: list[dict[str, Any]],
@@ -1266,6 +1351,33 @@ def _bytes_after_round(work: StoreWork, per_round: list[dict[str, Any]],
         work.enabled = True
 
     return after_round
+
+
+async def count_store_work(flows: FlowSet, script: Script, actions: ActionRegistry, n: int,
+                           db_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Statements, commits and store calls per turn, and the stored bytes after each round.
+
+    A separate run, not timed: the trace callback (a Python call with the
+    statement's expanded SQL per execution) would weigh on the timed runs.
+    """
+    from engine.store.sql import SQLStore
+
+    sql_store = SQLStore(f"sqlite:///{db_path}")
+    await sql_store.open()
+    work = StoreWork(sql_store)
+    await work.attach()
+    per_round: list[dict[str, Any]] = []
+    engine = make_engine(flows, sql_store, ScriptedModel(script), actions)
+    work.enabled = True
+    await run_engine(engine, "sql", n, _bytes_after_round(work, per_round, db_path))
+    await work.detach()
+    store_work = work.per_turn(n * TURNS)
+    await check_conversations(sql_store, "sql", n)
+    await sql_store.close()
+    bytes_info = per_round[-1]
+    bytes_info["state_bytes_mean_after_turn"] = [r["state_bytes_mean"] for r in per_round]
+    bytes_info["state_bytes_max_after_turn"] = [r["state_bytes_max"] for r in per_round]
+    return store_work, bytes_info
 
 
 def _best(reps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1307,24 +1419,35 @@ async def main_run(n: int, quick: bool, repeat: int) -> dict[str, Any]:
             print(f"- repetition {rep + 1}/{repeat}", flush=True)
             with phase("floor, in memory"):
                 reps["floor_memory"].append(run_floor(script, n, None).summary())
-            with phase("engine, scripted model, MemoryStore"):
+            with phase("engine, scripted model, MemoryStore (gc.freeze() as build_app)"):
                 store = MemoryStore()
                 engine = make_engine(flows, store, ScriptedModel(script), actions)
+                info["gc_frozen_objects"] = gc.get_freeze_count()
+                info["gc_tracked_objects_at_first_turn"] = len(gc.get_objects())
                 reps["engine_memory"].append((await run_engine(engine, "mem", n)).summary())
                 await check_conversations(store, "mem", n)
+                # What full collections still walk (gc.get_objects() skips frozen objects).
                 info["gc_tracked_objects_after_memory_run"] = len(gc.get_objects())
                 del store, engine
-            with phase("engine, scripted model, MemoryStore, gc.freeze() (proposed fix)"):
-                gc.collect()
-                gc.freeze()
-                try:
-                    store = MemoryStore()
-                    engine = make_engine(flows, store, ScriptedModel(script), actions)
-                    reps["engine_memory_gc_frozen"].append(
-                        (await run_engine(engine, "frz", n)).summary())
-                    del store, engine
-                finally:
-                    gc.unfreeze()
+            with phase("engine, scripted model, MemoryStore, no gc.freeze() (before build_app "
+                       "froze)"):
+                store = MemoryStore()
+                engine = make_engine(flows, store, ScriptedModel(script), actions,
+                                     freeze=False)
+                info["gc_tracked_objects_unfrozen_at_first_turn"] = len(gc.get_objects())
+                reps["engine_memory_unfrozen"].append(
+                    (await run_engine(engine, "unf", n)).summary())
+                await check_conversations(store, "unf", n)
+                del store, engine
+            with phase("engine, scripted model, MemoryStore, wired as build_app (Privacy, "
+                       "Metrics)"):
+                store = MemoryStore()
+                engine = make_engine(flows, store, ScriptedModel(script), actions,
+                                     production=True)
+                reps["engine_memory_production"].append(
+                    (await run_engine(engine, "prod", n)).summary())
+                await check_conversations(store, "prod", n)
+                del store, engine
             with phase("floor, SQLite"):
                 floor_db = tmp / f"floor{rep}.db"
                 reps["floor_sqlite"].append(run_floor(script, n, floor_db).summary())
@@ -1334,21 +1457,8 @@ async def main_run(n: int, quick: bool, repeat: int) -> dict[str, Any]:
                 db_path = tmp / f"engine{rep}.db"
                 sql_store = SQLStore(f"sqlite:///{db_path}")
                 await sql_store.open()
-                per_round: list[dict[str, Any]] = []
-                work = StoreWork(sql_store) if rep == 0 else None
-                after_round = (None if work is None
-                               else _bytes_after_round(work, per_round, db_path))
                 engine = make_engine(flows, sql_store, ScriptedModel(script), actions)
-                timing = await run_engine(engine, "sql", n, after_round)
-                reps["engine_sqlite"].append(timing.summary())
-                if work is not None:
-                    work.enabled = False
-                    store_work = work.per_turn(n * TURNS)
-                    bytes_info = per_round[-1]
-                    bytes_info["state_bytes_mean_after_turn"] = [
-                        r["state_bytes_mean"] for r in per_round]
-                    bytes_info["state_bytes_max_after_turn"] = [
-                        r["state_bytes_max"] for r in per_round]
+                reps["engine_sqlite"].append((await run_engine(engine, "sql", n)).summary())
                 await check_conversations(sql_store, "sql", n)
                 await sql_store.close()
                 for f in tmp.glob(db_path.name + "*"):
@@ -1361,6 +1471,10 @@ async def main_run(n: int, quick: bool, repeat: int) -> dict[str, Any]:
                     (await run_engine(engine, "off", n)).summary())
                 await check_conversations(store, "off", n)
                 del store, engine
+
+        with phase("store work per turn and stored bytes (SQLite, counted run, untimed)"):
+            store_work, bytes_info = await count_store_work(flows, script, actions, n,
+                                                            tmp / "counted.db")
 
         with phase("breakdown of a turn (instrumented run)"):
             breakdown_info = await breakdown(ROOT / "flows", ROOT / "prompts", script,
@@ -1740,22 +1854,20 @@ def _fmt_timing(label: str, s: dict[str, Any], floor: dict[str, Any] | None) -> 
     if floor:
         ratio = (f"{s['mean_us'] / floor['mean_us']:5.1f}x wall "
                  f"{s['cpu_us_min'] / floor['cpu_us_min']:5.1f}x cpu")
-    return (f"  {label:<32} {s['turns_per_s']:>7} turns/s  mean {s['mean_us']:>7.1f} us  "
+    return (f"  {label:<36} {s['turns_per_s']:>7} turns/s  mean {s['mean_us']:>7.1f} us  "
             f"p99 {s['p99_us']:>8.1f} us  cpu {s['cpu_us_min']:>6.1f} us  {ratio}")
 
 
 def print_summary(r: dict[str, Any]) -> None:
     t = r["timings"]
     print("\nPer-turn cost (best repetition; ratios against the floor doing the same work):")
-    print(_fmt_timing("floor, in memory", t["floor_memory"], None))
-    print(_fmt_timing("floor, SQLite", t["floor_sqlite"], None))
-    print(_fmt_timing("engine, scripted, memory store", t["engine_memory"], t["floor_memory"]))
-    print(_fmt_timing("  same, gc.freeze()", t["engine_memory_gc_frozen"], t["floor_memory"]))
-    print(_fmt_timing("engine, scripted, SQLite store", t["engine_sqlite"], t["floor_sqlite"]))
-    print(_fmt_timing("engine, offline model, memory", t["engine_offline_memory"],
-                      t["floor_memory"]))
+    for key, label in VARIANT_LABELS.items():
+        if key in t:
+            floor = FLOOR_OF.get(key)
+            print(_fmt_timing(label, t[key], t[floor] if floor else None))
     w, b, m = r["store_work_per_turn_sqlite"], r["state_bytes_sqlite"], r["memory"]
-    print(f"\nStore work per turn (SQLite): {w['statements']} statements {w['by_verb']}, "
+    print(f"\nStore work per turn (SQLite): {w['statements']} statements {w['by_verb']} "
+          f"({w['executions']} executions, {w['rows_written']} rows written), "
           f"{w['commits']} commits, {w['store_calls']} store calls")
     print(f"State bytes per conversation: mean {b['state_bytes_mean']}, max "
           f"{b['state_bytes_max']} (mean after each turn: {b['state_bytes_mean_after_turn']}); "

@@ -45,6 +45,7 @@ def make_model(settings: Settings, kind: str | None = None) -> Model:
         models=ModelIds(settings.decision_model, settings.summary_model, settings.route_model),
         timeout=settings.model_timeout,
         max_retries=settings.model_max_retries,
+        count_tokens=settings.count_tokens,
     )
 
 

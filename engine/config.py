@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     route_model: str = "haiku"
     model_timeout: float = Field(default=30.0, gt=0, le=600)
     model_max_retries: int = Field(default=2, ge=0, le=10)
+    #: Use the count-tokens endpoint when a request nears the flow's token budget.
+    count_tokens: bool = False
     #: Words of the AI disclosure (per language); the message itself cannot be turned off.
     disclosure: dict[str, str] | None = None
 

@@ -135,12 +135,15 @@ class ClaudeModel(Model):
         max_tokens: int = 1024,
         client: AsyncAnthropic | None = None,
         recorder: UsageRecorder | None = None,
+        count_tokens: bool = False,
     ) -> None:
         api_key = api_key or os.environ.get("ANTHROPIC_API_KEY")
         if client is None and not api_key:
             raise ConfigError("the claude model needs ANTHROPIC_API_KEY (or use --model offline)")
         self.models = models or ModelIds()
         self.max_tokens = max_tokens
+        #: Ask the count-tokens endpoint when the local estimate nears the budget.
+        self.count_tokens = count_tokens
         self.client = client or AsyncAnthropic(
             api_key=api_key,
             base_url=base_url or os.environ.get("ANTHROPIC_BASE_URL") or None,
@@ -369,6 +372,33 @@ class ClaudeModel(Model):
             blocks.append({"type": "text", "text": dynamic.strip()})
         return blocks
 
+    async def exact_fit(self, system: list[dict[str, Any]], messages: list[dict[str, Any]],
+                        tool: dict[str, Any], budget: int) -> list[dict[str, Any]]:
+        """Trim with the count-tokens endpoint's exact figure (near the budget only).
+
+        The local estimate is conservative; this spends one extra round trip
+        to use the real tokenizer when it matters. An unavailable endpoint
+        keeps the estimate's answer.
+        """
+        model = self.models.resolve("decision")
+        for _ in range(4):
+            try:
+                counted = await self.client.messages.count_tokens(
+                    model=model, system=system, messages=messages,  # type: ignore[arg-type]
+                    tools=[tool],  # type: ignore[list-item]
+                )
+            except anthropic.APIError as exc:
+                logger.info("count_tokens unavailable (%s); using the local estimate", exc)
+                return messages
+            self.last_request_tokens = counted.input_tokens
+            if counted.input_tokens <= budget or len(messages) <= 1:
+                return messages
+            drop = 2 if len(messages) > 2 and messages[1]["role"] == "assistant" else 1
+            messages = strip_orphaned_tool_results(messages[drop:])
+            while messages and messages[0]["role"] != "user":
+                messages = messages[1:]
+        return messages
+
     async def decide(self, request: DecisionRequest) -> Decision:
         flow = request.flow
         system = self.system_blocks(request)
@@ -388,6 +418,8 @@ class ClaudeModel(Model):
             del lines[keep]
             system = self.system_blocks(replace(request, summary="\n".join(lines)))
             messages = self.fit(flow, system, messages, [tool])
+        if self.count_tokens and self.last_request_tokens > 0.8 * budget:
+            messages = await self.exact_fit(system, messages, tool, budget)
         if len(messages) >= 3:
             # A second breakpoint caches the conversation prefix across turns.
             last = messages[-2]["content"][-1]

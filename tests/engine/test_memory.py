@@ -755,3 +755,32 @@ def test_extractive_summary_keeps_substantive_customer_lines_and_stays_short() -
     assert all(line.startswith("- customer: question number ") for line in lines)
     assert lines[-1].startswith("- customer: question number 19")
     assert all(len(line) <= len("- customer: ") + 160 for line in lines)
+
+
+async def test_count_tokens_endpoint_trims_when_the_estimate_is_near_the_budget(
+    fake: FakeClaude, flows: FlowSet
+) -> None:
+    """With count_tokens on, near the budget the real count decides what is kept."""
+    from engine.models.base import DecisionRequest, HistoryItem
+
+    model = ClaudeModel(client=fake.client(max_retries=0, timeout=5.0), count_tokens=True)
+    try:
+        flow = flows["refund"]
+        budget = budget_tokens(flow.spec.summary.max_context_tokens,
+                               flow.spec.summary.safety_margin)
+        # Enough history that the local estimate passes 80% of the budget.
+        filler = "word " * 600
+        history = []
+        while estimate_tokens(filler) * (len(history) // 2) < 2 * budget:
+            history += [HistoryItem("customer", filler), HistoryItem("bot", "ok")]
+        request = DecisionRequest(flow, "ask_order", "my order is HL26110842", "en", {}, {},
+                                  history=history)
+        await model.decide(request)
+        counted = [r for r in fake.requests if r.path == "/v1/messages/count_tokens"]
+        assert counted, "the count-tokens endpoint was not used near the budget"
+        sent = [r for r in fake.requests if r.path == "/v1/messages"][-1]
+        from tests.fakes.claude_api import count_request_tokens
+
+        assert count_request_tokens(sent.json) <= budget
+    finally:
+        await model.close()
