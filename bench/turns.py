@@ -2,8 +2,11 @@
 
     python bench/turns.py [--quick] [--conversations N] [--profile memory|sqlite]
 
-Everything runs in one invocation (``make bench``) and is written to
-``bench/results/turns.json`` plus a markdown table in ``bench/results/turns.md``.
+Everything runs in one invocation (``make bench`` runs it through
+``bench/run_all.py``) and is written to ``bench/results/turns.json`` plus a
+markdown section in ``bench/results/turns.md`` (with the README row
+``bench/run_all.py`` collects). The figures of the results it replaces are kept
+under ``previous`` and compared against in the notes.
 
 What a turn does
 ----------------
@@ -205,7 +208,7 @@ async def record_script(flows_dir: Path, prompts_dir: Path) -> Script:
 def _recorder(fn: Any, name: str, script: Script) -> Any:
     async def record(ctx: ActionContext) -> ActionResult:
         started = time.perf_counter()
-        result = await fn(ctx)
+        result: ActionResult = await fn(ctx)
         script.action_ms[name] = round((time.perf_counter() - started) * 1000, 2)
         script.actions[name] = result
         return result
@@ -393,7 +396,7 @@ class Floor:
         self.template = env.from_string(FLOOR_TEMPLATE)
         self.results = {k: dict(script.actions[v].data) for k, v in _FLOOR_RESULTS.items()}
         self.states: dict[str, str] = {}
-        self.log: dict[str, list[tuple[int, str, str, str]]] = {}
+        self.log: dict[str, list[tuple[str, int, str, str]]] = {}
         self.db: sqlite3.Connection | None = None
         if sqlite_path is not None:
             self.db = sqlite3.connect(sqlite_path, isolation_level="DEFERRED")
@@ -1007,6 +1010,8 @@ async def breakdown(flows_dir: Path, prompts_dir: Path, script: Script, n: int,
     with ThreadPoolExecutor(1) as executor:
         out["executor_hop_us"] = await hop_cost(lambda: loop.run_in_executor(executor, int))
 
+    out["sqlite_hops_in_situ"] = await _hops_in_situ(flows_dir, prompts_dir, script, n, tmp)
+
     conversation = STORE_TABLES[0]
     keys = [conversation_key("bd", i) for i in range(min(n, 500))]
 
@@ -1038,6 +1043,96 @@ async def breakdown(flows_dir: Path, prompts_dir: Path, script: Script, n: int,
     out["select_by_key_us"] = await sql_store.run_sync(select_cost)
     await sql_store.close()
     return out
+
+
+async def _hops_in_situ(flows_dir: Path, prompts_dir: Path, script: Script, n: int,
+                        tmp: Path) -> dict[str, Any]:
+    """What the two thread hops cost a real SQLite turn (no-op hops understate it).
+
+    The same uninstrumented SQLite run twice over, once as the store runs
+    (jobs on its worker thread) and once with the jobs run inline on the event
+    loop's thread (``_inline_call``); alternated, best CPU of two each.
+    """
+    from engine.store.sql import SQLStore
+
+    actions = replay_actions(script)
+    flows = load_flows(flows_dir, prompts_dir, actions.names())
+    loop = asyncio.get_running_loop()
+    best: dict[str, dict[str, float]] = {}
+    for attempt, mode in enumerate(("worker", "inline", "worker", "inline")):
+        db_path = tmp / f"hops{attempt}.db"
+        store = SQLStore(f"sqlite:///{db_path}")
+        if mode == "inline":
+            patched: Any = store
+            patched._call = _inline_call(loop)
+        await store.open()
+        engine = make_engine(flows, store, ScriptedModel(script), actions)
+        try:
+            await run_engine(engine, f"hopwarm{attempt}", 20)
+            summary = (await run_engine(engine, f"hop{attempt}", n)).summary()
+        finally:
+            gc.unfreeze()
+            if mode == "inline":
+                store._close_in_thread()  # no worker thread was started
+            else:
+                await store.close()
+        for f in tmp.glob(db_path.name + "*"):
+            f.unlink()
+        if mode not in best or summary["cpu_us"] < best[mode]["cpu_us"]:
+            best[mode] = {"cpu_us": summary["cpu_us"], "mean_us": summary["mean_us"]}
+    return {**best, "hops_cpu_us_per_turn":
+            round(best["worker"]["cpu_us"] - best["inline"]["cpu_us"], 1)}
+
+
+async def wal_pages_per_turn(flows: FlowSet, script: Script, actions: ActionRegistry, n: int,
+                             tmp: Path) -> dict[str, Any]:
+    """Pages each turn appends to SQLite's WAL, the engine's store against the floor.
+
+    Automatic checkpoints off on the writing connection, the WAL truncated
+    before the run; the growth of the -wal file in frames (page + 24-byte
+    header) divided by the turns. Untimed, on ``n`` conversations.
+    """
+    from engine.store.sql import SQLStore
+
+    def frames(db_path: Path, page_size: int) -> float:
+        wal = Path(f"{db_path}-wal")
+        return (wal.stat().st_size - 32) / (page_size + 24) if wal.exists() else 0.0
+
+    setup = ("PRAGMA wal_autocheckpoint=0", "PRAGMA wal_checkpoint(TRUNCATE)")
+    db_path = tmp / "wal-engine.db"
+    store = SQLStore(f"sqlite:///{db_path}")
+    await store.open()
+
+    def prepare(cursor: sqlite3.Cursor) -> int:
+        for pragma in setup:
+            cursor.execute(pragma).fetchall()
+        return int(cursor.execute("PRAGMA page_size").fetchone()[0])
+
+    page_size = await store._raw(prepare)
+    engine = make_engine(flows, store, ScriptedModel(script), actions)
+    try:
+        await run_engine(engine, "wal", n)
+        engine_pages = frames(db_path, page_size)
+    finally:
+        gc.unfreeze()
+        await store.close()
+    floor_path = tmp / "wal-floor.db"
+    floor = Floor(script, floor_path)
+    assert floor.db is not None
+    for pragma in setup:
+        floor.db.execute(pragma).fetchall()
+    try:
+        for turn in range(TURNS):
+            for i in range(n):
+                floor.turn(f"bench:wal:c{i:05d}", turn, JOURNEY[turn][1])
+        floor_pages = frames(floor_path, page_size)
+    finally:
+        floor.close()
+    for f in [*tmp.glob(db_path.name + "*"), *tmp.glob(floor_path.name + "*")]:
+        f.unlink()
+    turns = n * TURNS
+    return {"page_size": page_size, "conversations": n,
+            "engine": round(engine_pages / turns, 2), "floor": round(floor_pages / turns, 2)}
 
 
 # --------------------------------------------------------------------------- memory
@@ -1224,6 +1319,21 @@ async def concurrency_sweep(flows: FlowSet, script: Script, actions: ActionRegis
 # --------------------------------------------------------------------------- profile
 
 
+def _inline_call(loop: asyncio.AbstractEventLoop) -> Callable[[Callable[[], Any]], Any]:
+    """A stand-in for ``SQLStore._call`` that runs the job at once on the calling
+    thread and returns an already resolved future (no worker thread, no hop)."""
+
+    def inline(fn: Callable[[], Any]) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = loop.create_future()
+        try:
+            future.set_result(fn())
+        except BaseException as error:  # handed to the awaiting task
+            future.set_exception(error)
+        return future
+
+    return inline
+
+
 async def profile(kind: str, n: int, top: int = 30) -> str:
     """cProfile of the scripted in-memory or SQLite run.
 
@@ -1245,15 +1355,7 @@ async def profile(kind: str, n: int, top: int = 30) -> str:
 
             sql_store = SQLStore(f"sqlite:///{Path(tmp) / 'engine.db'}")
 
-            def inline(fn: Callable[[], Any]) -> asyncio.Future[Any]:
-                future: asyncio.Future[Any] = loop.create_future()
-                try:
-                    future.set_result(fn())
-                except BaseException as error:  # noqa: BLE001 - handed to the awaiting task
-                    future.set_exception(error)
-                return future
-
-            sql_store._call = inline
+            sql_store._call = _inline_call(loop)
             store = sql_store
         else:
             store = MemoryStore()
@@ -1423,7 +1525,6 @@ async def main_run(n: int, quick: bool, repeat: int) -> dict[str, Any]:
                 store = MemoryStore()
                 engine = make_engine(flows, store, ScriptedModel(script), actions)
                 info["gc_frozen_objects"] = gc.get_freeze_count()
-                info["gc_tracked_objects_at_first_turn"] = len(gc.get_objects())
                 reps["engine_memory"].append((await run_engine(engine, "mem", n)).summary())
                 await check_conversations(store, "mem", n)
                 # What full collections still walk (gc.get_objects() skips frozen objects).
@@ -1475,6 +1576,8 @@ async def main_run(n: int, quick: bool, repeat: int) -> dict[str, Any]:
         with phase("store work per turn and stored bytes (SQLite, counted run, untimed)"):
             store_work, bytes_info = await count_store_work(flows, script, actions, n,
                                                             tmp / "counted.db")
+            store_work["wal_pages_per_turn"] = await wal_pages_per_turn(
+                flows, script, actions, min(n, 300), tmp)
 
         with phase("breakdown of a turn (instrumented run)"):
             breakdown_info = await breakdown(ROOT / "flows", ROOT / "prompts", script,
@@ -1564,27 +1667,149 @@ def evaluate(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+#: A previous run's row for a variant this run has under another name.
+_PREVIOUS_NAMES = {"engine_memory_unfrozen": ("engine_memory_unfrozen", "engine_memory")}
+_SUMMARY_FIELDS = ("turns_per_s", "mean_us", "p50_us", "p99_us", "cpu_us_min",
+                   "gc_us_per_turn", "gc_max_pause_ms")
+
+
+def previous_summary(old: dict[str, Any]) -> dict[str, Any]:
+    """The key figures of an earlier results JSON, kept in the new one for comparison."""
+    if "timings" not in old:
+        return {}
+    ev = old.get("evaluation", {})
+    bd = old.get("breakdown", {})
+    work = old.get("store_work_per_turn_sqlite", {})
+    conc = old.get("concurrency", {})
+    return {
+        "date": old.get("machine", {}).get("date"),
+        "load_average_at_start": old.get("machine", {}).get("load_average_at_start"),
+        "conversations": old.get("config", {}).get("conversations"),
+        "quick": old.get("config", {}).get("quick"),
+        "timings": {k: {f: v.get(f) for f in _SUMMARY_FIELDS}
+                    for k, v in old["timings"].items()},
+        "ratio_vs_floor": ev.get("ratio_vs_floor", {}),
+        "cpu_ratio_vs_floor": ev.get("cpu_ratio_vs_floor", {}),
+        "store_work_per_turn_sqlite": {k: work.get(k) for k in (
+            "statements", "by_verb", "executions", "rows_written", "commits", "store_calls")
+            if k in work},
+        "state_bytes_max": _state_max(old) if "state_bytes_sqlite" in old else None,
+        "memory_rss_peak_delta_mib": old.get("memory", {}).get("rss_peak_delta_mib"),
+        "concurrency": {label: {"max_concurrent_p99_under_250ms":
+                                c.get("max_concurrent_p99_under_250ms"),
+                                "saturation_ceiling_one_free_core":
+                                c.get("saturation_ceiling_one_free_core")}
+                        for label, c in conc.items()},
+        "thread_hop_us": bd.get("thread_hop_us"),
+        "sqlite_wall_us_per_turn": {k: (v["us_per_turn"] if isinstance(v, dict) else v)
+                                    for k, v in bd.get("sqlite_wall_us_per_turn", {}).items()},
+        "memory_cpu_us_per_turn_total": bd.get("memory_cpu_us_per_turn", {}).get("total"),
+    }
+
+
+def _previous_row(prev: dict[str, Any], key: str) -> dict[str, Any] | None:
+    rows = prev.get("timings", {})
+    for name in _PREVIOUS_NAMES.get(key, (key,)):
+        if name in rows:
+            return dict(rows[name])
+    return None
+
+
+def _mpc(s: dict[str, Any] | None) -> str:
+    """mean / p99 / CPU us of a timing row."""
+    if not s:
+        return "-"
+    return f"{s['mean_us']:.0f} / {s['p99_us']:.0f} / {s['cpu_us_min']:.0f}"
+
+
+def _part(table: dict[str, Any], key: str, field_name: str = "us_per_turn") -> float:
+    value = table.get(key, {})
+    return float(value.get(field_name, 0.0)) if isinstance(value, dict) else float(value or 0)
+
+
 def build_notes(r: dict[str, Any]) -> list[str]:
     """Why the goals that are missed are missed, and what would close them.
 
     The hotspots come from cProfile runs (``--profile memory``, ``--profile
     sqlite``) and from this run's instrumented breakdown; every number quoted
-    is this run's.
+    is this run's, or the previous run's where it says so.
     """
     t, e, mi = r["timings"], r["evaluation"], r["machine"]
     bd = r.get("breakdown", {})
     mem = bd.get("memory_cpu_us_per_turn", {})
     sql = bd.get("sqlite_wall_us_per_turn", {})
+    jobs = bd.get("sqlite_worker_us_per_turn", {})
     hop = bd.get("thread_hop_us", {})
+    ex_hop = bd.get("executor_hop_us", {})
     sel = bd.get("select_by_key_us", {})
-    proto = bd.get("machine_fire_us_per_call", {})
-    frozen = t.get("engine_memory_gc_frozen", {})
+    fire_check = bd.get("machine_fire_us_per_call", {})
     w = r["store_work_per_turn_sqlite"]
+    prev = r.get("previous") or {}
+    fm, fs = t["floor_memory"], t["floor_sqlite"]
+    em, es = t["engine_memory"], t["engine_sqlite"]
+    unfrozen = t.get("engine_memory_unfrozen")
+    production = t.get("engine_memory_production")
+    offline = t.get("engine_offline_memory")
 
-    def part(table: dict[str, Any], key: str, field_name: str = "us_per_turn") -> float:
-        value = table.get(key, {})
-        return float(value.get(field_name, 0.0)) if isinstance(value, dict) else float(value)
+    notes = [
+        f"Machine: {mi['cpu_count']} CPUs shared with other work running at the same time "
+        f"(load average {mi['load_average_at_start']} at start, "
+        f"{mi.get('load_average_at_end')} at end), so wall-clock means and p99 include "
+        "preemption; CPU time per turn (process time, all threads) is given next to them and "
+        "the CPU-time ratio is the steadier figure. The floor measured "
+        f"{fm['cpu_us_min']} us CPU per turn in memory and {fs['cpu_us_min']} us on SQLite "
+        "(the issue expects about 30 and 50).",
+    ]
 
+    # ------------------------------------------------------------ before / after
+    if prev.get("timings"):
+        pt = prev["timings"]
+        pairs = []
+        for key, label in VARIANT_LABELS.items():
+            before = _previous_row(prev, key)
+            if key in t and before:
+                pairs.append(f"{label} {_mpc(before)} -> {_mpc(t[key])}")
+        old_frozen = pt.get("engine_memory_gc_frozen")
+        text = (
+            f"Against the previous run ({str(prev.get('date'))[:10]}, load average "
+            f"{prev.get('load_average_at_start')}; {prev.get('conversations')} conversations"
+            f"{', quick' if prev.get('quick') else ''}"
+            + (f"; this run {r['config']['conversations']}"
+               if prev.get("conversations") != r["config"]["conversations"] else "")
+            + "), mean / p99 / CPU us per turn, before "
+            f"-> now: {'; '.join(pairs)}.")
+        if old_frozen:
+            text += (" The previous run's 'gc.freeze() (proposed fix)' row, the configuration "
+                     f"build_app now serves, measured {_mpc(old_frozen)}.")
+        ratios = []
+        for key in ("engine_memory", "engine_sqlite"):
+            before_cpu = prev.get("cpu_ratio_vs_floor", {}).get(key)
+            if before_cpu is not None:
+                ratios.append(f"{VARIANT_LABELS[key].split(', ')[-1]} {before_cpu}x -> "
+                              f"{e['cpu_ratio_vs_floor'][key]}x")
+        if ratios:
+            text += " CPU ratio to the floor: " + ", ".join(ratios) + "."
+        pw = prev.get("store_work_per_turn_sqlite", {})
+        if pw:
+            text += (f" SQLite store work per turn: {pw.get('statements')} -> "
+                     f"{w['statements']} statements, {pw.get('commits')} -> {w['commits']} "
+                     f"commit, {pw.get('store_calls')} -> {w['store_calls']} store calls "
+                     "(thread hops).")
+        pc = prev.get("concurrency", {})
+        cc = r["concurrency"]
+        if pc:
+            text += (" Concurrent conversations at p99 < 250 ms: memory "
+                     f"{pc.get('memory', {}).get('max_concurrent_p99_under_250ms')} -> "
+                     f"{cc['memory']['max_concurrent_p99_under_250ms']}, SQLite "
+                     f"{pc.get('sqlite', {}).get('max_concurrent_p99_under_250ms')} -> "
+                     f"{cc['sqlite']['max_concurrent_p99_under_250ms']}.")
+        if prev.get("memory_rss_peak_delta_mib") is not None:
+            text += (f" Peak memory of the conversations {prev['memory_rss_peak_delta_mib']} "
+                     f"-> {r['memory']['rss_peak_delta_mib']} MiB; largest stored state "
+                     f"{prev.get('state_bytes_max')} -> {_state_max(r)} B.")
+        notes.append(text)
+
+    # ------------------------------------------------------------ in memory
     parts_text = ", ".join(
         f"{k} {v['us_per_turn']}" + (f" ({v['us_per_call']} us per call)"
                                      if v["calls_per_turn"] != 1 else "")
@@ -1592,129 +1817,194 @@ def build_notes(r: dict[str, Any]) -> list[str]:
     parts_text += (f", everything else (the turn core's own logic, the runner, locks, "
                    f"dataclasses) {mem.get(_REST, '?')}; the instrumentation itself about "
                    f"{mem.get(_OVERHEAD, '?')}")
-    fire = part(mem, "state machine fire (transitions)")
-    commit = part(mem, "store.commit_turn")
-    records = part(mem, "message/event records (TurnCore.record)")
-    contexts = part(mem, "template contexts (TurnCore.template_context)")
-    language = (part(mem, "language detection (detect_language)")
-                + part(mem, "language detection (_has_words)"))
-    em = t["engine_memory"]
-    notes = [
-        f"Machine: {mi['cpu_count']} CPUs shared with other work running at the same time "
-        f"(load average {mi['load_average_at_start']} at start, "
-        f"{mi.get('load_average_at_end')} at end), so wall-clock means and p99 include "
-        "preemption; CPU time per turn (process time, all threads) is given next to them and "
-        "the CPU-time ratio is the steadier figure. The floor measured "
-        f"{t['floor_memory']['cpu_us_min']} us CPU per turn in memory and "
-        f"{t['floor_sqlite']['cpu_us_min']} us on SQLite (the issue expects about 30 and 50).",
-    ]
+    commit = _part(mem, "store.commit_turn")
+    load = _part(mem, "store.load_for_turn") + _part(mem, "store.load") + _part(mem, "store.seen")
+    records = _part(mem, "message/event records (TurnCore.record)")
+    contexts = _part(mem, "template contexts (TurnCore.template_context)")
+    language = (_part(mem, "language detection (detect_language)")
+                + _part(mem, "language detection (_has_words)"))
+    jinja = _part(mem, "jinja render (say/ask texts)")
+    fire = _part(mem, _FIRE)
     ratio_m, cpu_m = e["ratio_vs_floor"]["engine_memory"], e["cpu_ratio_vs_floor"]["engine_memory"]
+    gc_text = (
+        f"The garbage collector: with gc.freeze() after start-up (as engine/app.py build_app "
+        f"does: {mi.get('gc_frozen_objects', 0):,} objects frozen before the first turn, which "
+        f"collections no longer walk) it takes {em['gc_us_per_turn']} us per turn, longest "
+        f"pause {em['gc_max_pause_ms']} ms")
+    if unfrozen:
+        gc_text += (
+            f"; without it (row 'without gc.freeze()': "
+            f"{mi.get('gc_tracked_objects_unfrozen_at_first_turn', 0):,} tracked objects at the "
+            f"first turn, modules, SQLAlchemy, pydantic and Jinja internals that every full "
+            f"collection re-walks) {unfrozen['gc_us_per_turn']} us per turn, longest pause "
+            f"{unfrozen['gc_max_pause_ms']} ms, p99 {unfrozen['p99_us']:.0f} against "
+            f"{em['p99_us']:.0f} us")
+    gc_text += (f". What full collections still walk is the conversations' own objects: "
+                f"{mi.get('gc_tracked_objects_after_memory_run', 0):,} tracked objects by the "
+                "end of the memory run, the memory store's message log kept as Python objects "
+                f"(on SQLite the engine's GC time is {es['gc_us_per_turn']} us per turn, longest "
+                f"pause {es['gc_max_pause_ms']} ms).")
     if not e["goals"]["engine_memory_at_most_2x_floor"]:
-        target = 2 * t["floor_memory"]["cpu_us_min"]
+        target = GOAL_RATIO * fm["cpu_us_min"]
         notes.append(
             f"Engine in memory: {ratio_m}x the floor in wall time, {cpu_m}x in CPU time; goal "
             f"2x, missed by {cpu_m / GOAL_RATIO:.1f}x (CPU): a turn must drop from "
             f"{em['cpu_us_min']} to about {target:.0f} us of CPU. Where it goes (CPU us per "
-            f"turn, instrumented run of {mem.get('total', '?')} us): {parts_text}. The garbage "
-            f"collector adds {em['gc_us_per_turn']} us per turn on average (wall); its full "
-            "collections walk every "
-            f"tracked object ({mi.get('gc_tracked_objects_at_start', 0):,} before the first "
-            "turn: modules, SQLAlchemy, pydantic and Jinja internals; "
-            f"{mi.get('gc_tracked_objects_after_memory_run', 0):,} once the memory store holds "
-            "every conversation, about two per stored message), which is most of the p99 and "
-            f"max (longest pause in the reported run {em['gc_max_pause_ms']} ms).")
-        fire_fix = (f"{proto.get('transitions')} -> {proto.get('table')} us per fire measured on "
-                    f"this run's {proto.get('calls_compared')} real calls, "
-                    f"{proto.get('different_results')} different results"
-                    if proto else "<1 us per fire")
-        after = max(0.0, em["cpu_us_min"] - commit / 2 - fire - 12)
-        freeze_fix = (f"measured in this run (table row 'gc.freeze()'): GC time "
-                      f"{em['gc_us_per_turn']} -> {frozen.get('gc_us_per_turn')} us per turn, "
-                      f"longest pause {em['gc_max_pause_ms']} -> "
-                      f"{frozen.get('gc_max_pause_ms')} ms (its mean and p99 are in the table; "
-                      "on this shared machine differences of a few tens of percent between "
-                      "runs are noise)" if frozen else "")
+            f"turn, instrumented run of {mem.get('total', '?')} us): {parts_text}. "
+            + gc_text)
+        if fire_check:
+            notes.append(
+                f"Done since the previous run and measured here: FlowMachine.fire now looks the "
+                f"transition up in a (state, trigger) table read from the transitions machine: "
+                f"{fire_check.get('table')} us per call against {fire_check.get('transitions')} "
+                f"us through transitions' trigger machinery (fire_via_machine) on "
+                f"{fire_check.get('calls_compared')} real calls, "
+                f"{fire_check.get('different_results')} different results; the machine is "
+                f"{fire:.1f} us of a turn now. gc.freeze() is in build_app and in this "
+                "benchmark's engines (see the GC figures above).")
+        rest = float(mem.get(_REST, 0) or 0)
+        after = max(0.0, em["cpu_us_min"] - commit / 2 - load / 2 - records / 2 - contexts / 2
+                    - language / 2)
         notes.append(
-            "What would close it, biggest first (saving per turn): "
-            "(1) engine/store/memory.py MemoryStore.commit_turn "
-            f"({commit:.0f} us): it rebuilds every MessageRecord (frozen dataclass, ~5 per "
-            "turn) and an EntityChange, re-validates every datetime and JSON-encodes the three "
-            "state documents plus each message's data on every turn; keep the caller's frozen "
-            "records and encode only non-empty data, encode entities/results/counters once: "
-            f"about half, ~{commit / 2:.0f} us. "
-            "(2) engine/flow/machine.py FlowMachine.fire: the transitions Machine is built once "
-            "per flow (as required), but each trigger still goes through transitions' event "
-            "machinery (set_state, EventData, callbacks, logging checks): "
-            f"{fire:.0f} us per turn. Keep the Machine for validation and the diagram; fire "
-            "from a {(state, trigger): transitions in declared order} table built in __init__ "
-            f"and evaluate the guards directly, first guard that holds wins ({fire_fix}): "
-            f"~{fire:.0f} us. "
-            f"(3) gc.freeze() after start-up in the serving process (engine/app.py / CLI), "
-            f"and fewer GC-tracked objects per stored message in MemoryStore: {freeze_fix}. "
-            "(4) engine/core/turn.py: TurnCore.record builds a MessageRecord per event "
-            f"(~{records:.0f} us for ~5 records per turn: state/routed events are logged as "
-            "messages); template_context()/scope()/labels() are rebuilt for every say/ask even "
-            f"when the text is static ({contexts:.0f} us); language detection runs on every "
-            f"message ({language:.0f} us): build the context lazily once per turn, append "
-            "events as plain tuples turned into records at commit: ~10-15 us together. "
-            f"(1)+(2)+(4) bring the turn to roughly {after:.0f} us CPU "
-            f"({after / t['floor_memory']['cpu_us_min']:.1f}x the floor); the last stretch "
-            "to 2x is the turn core's many small dict copies and dataclass constructions "
-            "(scope, DecisionRequest, ActionContext, TurnOutcome).")
+            "What is left, biggest first (CPU us per turn): (1) the turn core's own work, "
+            f"'everything else' {rest:.0f} us: the runner and TurnCore build many small dicts "
+            "and frozen dataclasses per turn (scope, labels, DecisionRequest, ActionContext, "
+            "TurnOutcome, TurnWrite) where the floor updates one dict. (2) "
+            f"MemoryStore.commit_turn {commit:.0f} us and load_for_turn {load:.0f} us: "
+            "it re-checks and rebuilds every MessageRecord and EntityChange, re-validates "
+            "every datetime and JSON-encodes the three state documents on each commit, and "
+            "decodes them on each load, to behave like a SQL store (the memory store is for "
+            "tests, demos and this benchmark; a deployment runs SQLite or PostgreSQL). Keeping "
+            "the caller's frozen records and encoding only what changed would save about "
+            f"half, ~{(commit + load) / 2:.0f} us. (3) TurnCore.record "
+            f"{records:.0f} us (~5 records per turn: state/routed events are logged as "
+            f"messages), template contexts {contexts:.0f} us (rebuilt for every say/ask even "
+            f"when the text is static), language detection {language:.0f} us (every "
+            f"message), Jinja {jinja:.0f} us: building the context once per turn and events "
+            "as plain tuples turned into records at commit would save about half of these. "
+            f"(2)+(3) bring the turn to roughly {after:.0f} us CPU "
+            f"({after / fm['cpu_us_min']:.1f}x the floor); 2x needs (1) cut by more than half.")
+    if production:
+        extra = production["cpu_us_min"] - em["cpu_us_min"]
+        notes.append(
+            f"Wired as build_app wires it (Privacy: PII redaction of the text the model sees "
+            f"and the reply filter; Metrics: Prometheus counters per turn) the in-memory turn "
+            f"costs {production['cpu_us_min']} us CPU, {extra:+.1f} us against the bare engine "
+            f"({e['cpu_ratio_vs_floor']['engine_memory_production']}x the floor); the goal rows "
+            "use the bare engine, as the floor has neither.")
+    if offline:
+        text = (f"The offline model (intent matching, routing) costs "
+                f"{offline['cpu_us_min'] - em['cpu_us_min']:.0f} us CPU per turn on top of the "
+                f"scripted one ({offline['cpu_us_min']} against {em['cpu_us_min']} us)")
+        before_off = _previous_row(prev, "engine_offline_memory")
+        before_em = _previous_row(prev, "engine_memory")
+        if before_off and before_em:
+            model_cpu = before_off["cpu_us_min"] - before_em["cpu_us_min"]
+            text += (f"; in the previous run {model_cpu:.0f} us ({before_off['cpu_us_min']} "
+                     f"against {before_em['cpu_us_min']} us)")
+        notes.append(text + ".")
+
+    # ------------------------------------------------------------ SQLite
     if not e["goals"]["engine_sqlite_at_most_2x_floor"]:
         ratio_s = e["ratio_vs_floor"]["engine_sqlite"]
         cpu_s = e["cpu_ratio_vs_floor"]["engine_sqlite"]
-        calls = w.get("store_calls", 3)
+        calls = w.get("store_calls", 2)
+        job_cpu = sum(_part(jobs, k, "cpu_us_per_turn") for k in jobs)
+        job_text = ", ".join(
+            f"{k} {v['cpu_us_per_turn']} CPU / {v['wall_us_per_turn']} wall" for k, v in
+            jobs.items())
+        store_wall = ", ".join(f"{k.removeprefix('store.')} {_part(sql, k)}"
+                               for k in sql if k.startswith("store."))
+        hops_cpu = calls * float(hop.get("cpu") or 0)
+        floor_sql = fs["cpu_us_min"] - fm["cpu_us_min"]
+        engine_sql = es["cpu_us_min"] - (em["cpu_us_min"] - commit - load)
+        by_verb = ", ".join(f"{v} {k}" for k, v in w.get("by_verb", {}).items())
         notes.append(
             f"Engine on SQLite: {ratio_s}x the floor in wall time, {cpu_s}x in CPU time; goal "
-            f"2x, missed by {cpu_s / GOAL_RATIO:.1f}x (CPU). The hot path is not the ORM: the "
-            "store runs SQLAlchemy Core statements built once, in one transaction with "
-            f"{w.get('commits')} commit per turn. But a turn makes {calls} store calls (seen, "
-            "load, commit_turn), each a thread hop to the store's worker thread (a no-op hop "
-            f"costs {hop.get('wall')} us wall / {hop.get('cpu')} us CPU here) with a pool "
-            f"checkout, and runs {w.get('statements')} statements through Core, where a SELECT "
-            f"by key costs {sel.get('core')} us against {sel.get('raw')} us on the raw sqlite3 "
-            "cursor (compiled-cache lookup, bind and result processors, the JSON and UTC "
-            "TypeDecorators). Store calls as the event loop sees them (wall us per turn): seen "
-            f"{part(sql, 'store.seen')}, load {part(sql, 'store.load')}, commit_turn "
-            f"{part(sql, 'store.commit_turn')}, of {sql.get('total')}; the rest is the "
-            "in-memory turn's cost above.")
-        core_gap = max(0.0, (sel.get("core") or 0) - (sel.get("raw") or 0))
+            f"2x, missed by {cpu_s / GOAL_RATIO:.1f}x (CPU). A turn is {calls} store calls "
+            "(load_for_turn: the dedupe lookup and the load; commit_turn), each one job on the "
+            "store's worker thread running fixed SQL on a raw sqlite3 cursor, with "
+            f"{w.get('commits')} commit per turn. A no-op job costs {hop.get('wall')} us wall "
+            f"/ {hop.get('cpu')} us CPU there and back (loop.run_in_executor, used before: "
+            f"{ex_hop.get('wall')} / {ex_hop.get('cpu')}). The jobs themselves, per turn "
+            f"(us): {job_text}. As the event loop awaits them (wall us per turn): "
+            f"{store_wall}, of {sql.get('total')} (instrumented run, {sql.get('process_cpu')} us "
+            "of process CPU per turn); commit_turn's wall time also covers encoding the row, "
+            "messages and changes on the loop's thread, the hop, and waiting for the loop to "
+            "resume the task.")
+        wal = w.get("wal_pages_per_turn", {})
+        situ = bd.get("sqlite_hops_in_situ", {})
+        hops_situ = situ.get("hops_cpu_us_per_turn")
+        hop_text = (f"{calls} x {hop.get('cpu')} us = ~{hops_cpu:.0f} us CPU for no-op jobs; in "
+                    "situ (the same run with the jobs inline on the loop's thread: "
+                    f"{situ['inline']['cpu_us']} against {situ['worker']['cpu_us']} us CPU per "
+                    f"turn) {hops_situ} us, as each hop also wakes a sleeping thread and moves "
+                    "the work's data between cores" if hops_situ is not None
+                    else f"{calls} x {hop.get('cpu')} us = ~{hops_cpu:.0f} us CPU")
+        wal_text = (f" Each commit appends {wal.get('engine')} pages to the WAL against the "
+                    f"floor's {wal.get('floor')} ({wal.get('page_size')} B pages)."
+                    if wal else "")
         notes.append(
-            "What would close it: (1) engine/runner.py Engine.handle + Store: start a turn with "
-            "one store call that does the dedupe lookup and the load together (e.g. "
-            "Store.begin_turn(key, channel_message_id) -> (seen, state)), so a turn is 2 thread "
-            f"hops instead of 3: ~{(hop.get('wall') or 0) + 10:.0f} us wall. (2) "
-            "engine/store/sql.py: for SQLite run the hot statements (load, seen, the "
-            "conversation UPDATE/INSERT, the message and entity-history executemany) as fixed "
-            "SQL strings on the DBAPI connection (Connection.exec_driver_sql or "
-            "connection.driver_connection) with parameters encoded once in "
-            "_conversation_params/_message_params (JSON text, UTC text), keeping Core for every "
-            f"other query and for PostgreSQL: ~{core_gap:.0f} us x {w.get('statements')} "
-            f"statements = ~{core_gap * (w.get('statements') or 0):.0f} us. (3) Everything "
-            "above for the in-memory turn. SQLite's commit itself also writes more pages than "
-            "the floor's (a ~1 KB conversation row with two secondary indexes, ~"
-            f"{b_rows(r)} message rows per turn through two unique indexes, the entity "
-            "history), which stays.")
+            "What is left on SQLite, in CPU us per turn: the store's share of a turn is about "
+            f"{engine_sql:.0f} us (engine on SQLite minus the in-memory turn without the memory "
+            f"store) against the floor's {floor_sql:.0f} us (floor on SQLite minus floor in "
+            f"memory). (1) The thread hops: {hop_text}. Running all the fast path inline on the "
+            "event loop's thread would save that, at the price of blocking the loop for every "
+            "commit (and WAL checkpoints), which hurts latency under load; a middle way is "
+            "load_for_turn on a second, read-only connection on the loop's thread (WAL "
+            "readers never wait for the writer, and a commit has returned before the next turn "
+            "of its conversation loads), which keeps one hop per turn, for the commit. (2) "
+            f"The work in the worker: {job_cpu:.0f} us. The engine writes "
+            f"{w.get('rows_written')} rows per turn ({by_verb} statements, "
+            f"{w.get('executions')} executions) where the floor writes 3: ~{b_rows(r)} "
+            "message rows per turn (the inbound, the replies, and state/routed events logged as "
+            "messages) through the message table's two unique indexes, plus the entity "
+            "history; the conversation row is ~1 KB with two secondary indexes." + wal_text +
+            " Logging a turn's events in one row instead of a row each would cut the "
+            "executions, index updates and pages. (3) Encoding and decoding on the loop's "
+            "thread (_sqlite_turn: compact JSON of the three documents and each message's data, "
+            "datetimes as text; _sqlite_state on load). (4) Everything listed for the in-memory "
+            "turn except the memory store. SQLAlchemy Core is no longer on the hot path (a "
+            f"SELECT by key costs {sel.get('core')} us through Core against {sel.get('raw')} us "
+            "on the raw cursor).")
+
+    # ------------------------------------------------------------ concurrency
     if not e["goals"]["at_least_3000_concurrent"]:
         c = r["concurrency"]["memory"]
+        cs = r["concurrency"]["sqlite"]
         best = c["max_concurrent_p99_under_250ms"]
         need = GOAL_CONCURRENT / MODEL_DELAY_S
         last = c["levels"][-1] if c["levels"] else {}
+        pause = float(last.get("gc_max_pause_ms") or 0)
+        needed = (float(last.get("conversations") or 0) / MODEL_DELAY_S
+                  * float(last.get("cpu_us_per_turn") or 0) / 1e6)
+        gc_part = (f"Full collections paused the loop up to {pause} ms at that level (the "
+                   "conversations' objects are created after the freeze, and the memory store "
+                   "keeps them all), which lands in p99 too." if pause >= 20 else
+                   f"The longest GC pause at that level was {pause} ms, so p99 there is "
+                   "queueing behind a busy loop, not the collector.")
         notes.append(
-            f"Concurrency: {best} concurrent conversations in memory with p99 < 250 ms (goal "
-            f"{GOAL_CONCURRENT}). With a 200 ms model each conversation asks for a turn about "
-            f"every 200 ms, so {GOAL_CONCURRENT} conversations need ~{need:,.0f} turns/s from "
-            f"one event loop, at most {1e6 / need:.0f} us of CPU per turn including asyncio's "
-            f"tasks and timers. Under this load a turn cost {last.get('cpu_us_per_turn')} us "
-            f"of CPU and the process got {last.get('cpu_share')} of a CPU at the first level "
-            f"that missed ({last.get('conversations')}): even a dedicated core would saturate "
-            f"at about {c.get('saturation_ceiling_one_free_core')} conversations "
-            "(200 ms / CPU per turn, an upper bound). Full GC pauses (tens of ms, see above) "
-            "also land directly in p99. Closing it needs the per-turn fixes above (a ~60 us "
-            "turn puts 3000 within one core's reach) plus gc.freeze(); past that, several "
+            f"Concurrency: {best} concurrent conversations in memory with p99 < 250 ms "
+            f"({cs['max_concurrent_p99_under_250ms']} on SQLite; goal {GOAL_CONCURRENT}). With "
+            f"a 200 ms model each conversation asks for a turn about every 200 ms, so "
+            f"{GOAL_CONCURRENT} conversations need ~{need:,.0f} turns/s from one event loop, at "
+            f"most {1e6 / need:.0f} us of CPU per turn including asyncio's tasks and timers. "
+            f"Under this load a turn cost {last.get('cpu_us_per_turn')} us of CPU (more than "
+            "the sequential run's: a task, a timer and a lock per turn, and turns interleaved "
+            f"across conversations); at the last level tried ({last.get('conversations')}"
+            f"{', which missed' if not last.get('ok', True) else ''}) that is {needed:.2f} of "
+            f"a CPU, and the process got {last.get('cpu_share')} of one on this shared "
+            "machine, so the loop fell behind. A dedicated core would saturate at about "
+            f"{c.get('saturation_ceiling_one_free_core')} conversations in memory and "
+            f"{cs.get('saturation_ceiling_one_free_core')} on SQLite (200 ms / CPU per turn, "
+            f"an upper bound). {gc_part} Closing it needs a turn of ~{1e6 / need:.0f} us CPU "
+            "under load (the per-turn work above, about "
+            f"{float(last.get('cpu_us_per_turn') or 0) / (1e6 / need):.0f}x less) or several "
             "worker processes sharded by conversation key (the per-conversation lock is "
-            "in-process, so shard by key).")
+            "in-process, so shard by key): "
+            f"{GOAL_CONCURRENT} at the measured cost needs about "
+            f"{GOAL_CONCURRENT / max(c.get('saturation_ceiling_one_free_core') or 1, 1):.1f} "
+            "dedicated cores.")
     if not e["goals"]["peak_memory_under_60_mib"]:
         notes.append("Peak memory for the conversations is above 60 MiB: see memory in the JSON.")
     m = r["memory"]
@@ -1737,6 +2027,25 @@ def b_rows(r: dict[str, Any]) -> float:
     return round(float(b.get("messages_per_conversation", 0)) / TURNS, 1)
 
 
+def readme_row(r: dict[str, Any]) -> str:
+    """One line for the README's performance table (bench/run_all.py collects it)."""
+    t, e = r["timings"], r["evaluation"]
+    cm, cs = r["concurrency"]["memory"], r["concurrency"]["sqlite"]
+    return (
+        "README row: | per-turn cost (`bench/turns.py`) | engine "
+        f"{t['engine_memory']['cpu_us_min']:.0f} us CPU per turn in memory "
+        f"({e['cpu_ratio_vs_floor']['engine_memory']}x the floor, goal 2x), "
+        f"{t['engine_sqlite']['cpu_us_min']:.0f} us on SQLite "
+        f"({e['cpu_ratio_vs_floor']['engine_sqlite']}x); "
+        f"{r['store_work_per_turn_sqlite']['commits']:g} commit and "
+        f"{r['store_work_per_turn_sqlite']['store_calls']:g} store calls per turn; state "
+        f"{_state_max(r)} B (< 1.5 KB); +{r['memory']['rss_peak_delta_mib']} MiB for "
+        f"{r['config']['conversations']} conversations (< 60 MiB); "
+        f"{cm['max_concurrent_p99_under_250ms']} concurrent in memory / "
+        f"{cs['max_concurrent_p99_under_250ms']} on SQLite at p99 < 250 ms (goal "
+        f"{GOAL_CONCURRENT}) |")
+
+
 def markdown(r: dict[str, Any]) -> str:
     t = r["timings"]
     ev = r["evaluation"]
@@ -1748,52 +2057,81 @@ def markdown(r: dict[str, Any]) -> str:
     cs = r["concurrency"]["sqlite"]
     mi = r["machine"]
     n = r["config"]["conversations"]
+    prev = r.get("previous") or {}
 
     def ok(flag: bool) -> str:
         return "met" if flag else "**missed**"
 
-    def row(label: str, key: str, goal: str) -> str:
+    goals = {
+        "engine_memory": f"<= 2x floor: {ok(g['engine_memory_at_most_2x_floor'])}",
+        "engine_sqlite": f"<= 2x floor: {ok(g['engine_sqlite_at_most_2x_floor'])}",
+        "engine_offline_memory": "model cost included",
+        "engine_memory_unfrozen": "-",
+        "engine_memory_production": "-",
+    }
+
+    def row(key: str) -> str:
         s = t[key]
         floor = FLOOR_OF.get(key)
         rat = (f"{ev['ratio_vs_floor'][key]:.1f}x / {ev['cpu_ratio_vs_floor'][key]:.1f}x"
                if floor else "-")
-        return (f"| {label} | {s['turns_per_s']:,} | {s['mean_us']:.0f} | {s['p50_us']:.0f} | "
-                f"{s['p99_us']:.0f} | {s['cpu_us_min']:.0f} | {s['gc_us_per_turn']:.0f} "
-                f"({s['gc_max_pause_ms']:.0f} ms) | {rat} | {goal} |")
+        return (f"| {VARIANT_LABELS[key]} | {s['turns_per_s']:,} | {s['mean_us']:.0f} | "
+                f"{s['p50_us']:.0f} | {s['p99_us']:.0f} | {s['cpu_us_min']:.0f} | "
+                f"{s['gc_us_per_turn']:.0f} ({s['gc_max_pause_ms']:.0f} ms) | {rat} | "
+                f"{goals.get(key, '')} |")
 
     lines = [
         f"Measured {mi['date'][:10]} on {mi['cpu_count']} shared CPUs "
         f"({mi['cpu_model'] or 'unknown CPU'}, load average {mi['load_average_at_start']}), "
         f"Python {mi['python']}, SQLite {mi['sqlite']}, SQLAlchemy {mi['sqlalchemy']}; "
         f"{n} conversations x {TURNS} turns, interleaved (turn 1 of every conversation, then "
-        f"turn 2, ...), best of {r['config']['repetitions']} runs. `python bench/turns.py` "
+        f"turn 2, ...), best of {r['config']['repetitions']} runs; engines built as "
+        "`build_app` leaves them (gc.freeze() after start-up). `python bench/turns.py` "
         "(`make bench`) reproduces it; results in `bench/results/turns.json`.",
         "",
         "| Per turn | turns/s | mean us | p50 us | p99 us | CPU us | GC us (longest pause) "
         "| vs floor (wall / CPU) | goal |",
         "|---|---:|---:|---:|---:|---:|---:|---|---|",
-        row("floor, in memory", "floor_memory", ""),
-        row("floor, SQLite", "floor_sqlite", ""),
-        row("engine, scripted model, memory store", "engine_memory",
-            f"<= 2x floor: {ok(g['engine_memory_at_most_2x_floor'])}"),
-        row("same, gc.freeze() after start-up (proposed fix)", "engine_memory_gc_frozen",
-            "-"),
-        row("engine, scripted model, SQLite store", "engine_sqlite",
-            f"<= 2x floor: {ok(g['engine_sqlite_at_most_2x_floor'])}"),
-        row("engine, offline model, memory store", "engine_offline_memory",
-            "model cost included"),
+        *(row(key) for key in VARIANT_LABELS if key in t),
         "",
         "Mean wall time by turn of the journey (us, turns 1-6): floor "
         f"{t['floor_memory']['by_turn_mean_us']}, engine in memory "
         f"{t['engine_memory']['by_turn_mean_us']}, engine on SQLite "
         f"{t['engine_sqlite']['by_turn_mean_us']}.",
+    ]
+    if prev.get("timings"):
+        lines += [
+            "",
+            f"Against the previous run ({str(prev.get('date'))[:10]}, load average "
+            f"{prev.get('load_average_at_start')}), mean / p99 / CPU us per turn:",
+            "",
+            "| Per turn | previous | now | CPU vs floor, previous -> now |",
+            "|---|---|---|---|",
+        ]
+        for key, label in VARIANT_LABELS.items():
+            if key not in t:
+                continue
+            before = _previous_row(prev, key)
+            names = _PREVIOUS_NAMES.get(key, (key,))
+            old_key = next((k for k in names if k in prev.get("timings", {})), key)
+            old_ratio = prev.get("cpu_ratio_vs_floor", {}).get(old_key)
+            now_ratio = ev["cpu_ratio_vs_floor"].get(key)
+            ratio = (f"{old_ratio:.1f}x -> {now_ratio:.1f}x"
+                     if old_ratio is not None and now_ratio is not None else "-")
+            lines.append(f"| {label} | {_mpc(before)} | {_mpc(t[key])} | {ratio} |")
+        old_frozen = prev["timings"].get("engine_memory_gc_frozen")
+        if old_frozen:
+            lines.append(f"| previous 'gc.freeze() (proposed fix)' row | {_mpc(old_frozen)} | "
+                         "- | - |")
+    lines += [
         "",
         "| Resource | measured | goal |",
         "|---|---|---|",
         f"| store work per turn (SQLite) | {w['statements']} statements "
-        f"({', '.join(f'{v} {k}' for k, v in w['by_verb'].items())}), {w['rows_written']} "
-        f"rows written, {w['commits']} commit, {w['store_calls']} store calls (thread hops) | "
-        f"one commit: {ok(g['one_commit_per_turn'])} |",
+        f"({', '.join(f'{v} {k}' for k, v in w['by_verb'].items())}; "
+        f"{w.get('executions')} executions, an executemany counting once per row), "
+        f"{w['rows_written']} rows written, {w['commits']} commit, {w['store_calls']} store "
+        f"calls (thread hops) | one commit: {ok(g['one_commit_per_turn'])} |",
         f"| conversation state stored, excluding the message log | {b['state_bytes_mean']} B "
         f"after the journey (results {b['results']}, entities {b['entities']}, counters "
         f"{b['counters']}, other columns {b['scalars']}); largest at any turn {_state_max(r)} B "
@@ -1837,15 +2175,30 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["", "Where an in-memory turn's CPU time goes (instrumented run, us per turn): "
                   + "; ".join(f"{k} {v['us_per_turn'] if isinstance(v, dict) else v}"
                               for k, v in bd.items()) + "."]
-    proto = breakdown_info.get("machine_fire_us_per_call")
-    if proto:
-        lines += ["", f"Proposed fix, measured: firing through transitions costs "
-                  f"{proto['transitions']} us per call, a (state, trigger) table with the same "
-                  f"guards {proto['table']} us ({proto['calls_compared']} real calls, "
-                  f"{proto['different_results']} different results)."]
+    sq = breakdown_info.get("sqlite_wall_us_per_turn", {})
+    jobs = breakdown_info.get("sqlite_worker_us_per_turn", {})
+    hop = breakdown_info.get("thread_hop_us", {})
+    if sq:
+        lines += ["", "Store calls on SQLite (instrumented run, us per turn): as the event loop "
+                  "awaits them (wall) "
+                  + "; ".join(f"{k} {v['us_per_turn']}" for k, v in sq.items()
+                              if isinstance(v, dict))
+                  + f", of {sq.get('total')} wall and {sq.get('process_cpu')} CPU per turn; on "
+                  "the store's worker thread "
+                  + "; ".join(f"{k} {v['cpu_us_per_turn']} CPU / {v['wall_us_per_turn']} wall"
+                              for k, v in jobs.items())
+                  + f"; a no-op job there and back {hop.get('wall')} us wall / "
+                  f"{hop.get('cpu')} us CPU."]
+    check = breakdown_info.get("machine_fire_us_per_call")
+    if check:
+        lines += ["", f"State machine: FlowMachine.fire (dispatch table) {check['table']} us "
+                  f"per call, through transitions' trigger machinery {check['transitions']} us "
+                  f"({check['calls_compared']} real calls, {check['different_results']} "
+                  "different results)."]
     notes = r.get("notes") or []
     if notes:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in notes]
+    lines += ["", readme_row(r)]
     return "\n".join(lines) + "\n"
 
 
@@ -1854,7 +2207,7 @@ def _fmt_timing(label: str, s: dict[str, Any], floor: dict[str, Any] | None) -> 
     if floor:
         ratio = (f"{s['mean_us'] / floor['mean_us']:5.1f}x wall "
                  f"{s['cpu_us_min'] / floor['cpu_us_min']:5.1f}x cpu")
-    return (f"  {label:<36} {s['turns_per_s']:>7} turns/s  mean {s['mean_us']:>7.1f} us  "
+    return (f"  {label:<44} {s['turns_per_s']:>7} turns/s  mean {s['mean_us']:>7.1f} us  "
             f"p99 {s['p99_us']:>8.1f} us  cpu {s['cpu_us_min']:>6.1f} us  {ratio}")
 
 
@@ -1929,7 +2282,14 @@ def main() -> int:
         print(f"rewrote {output} and {output.with_suffix('.md')}")
         return 0
     repeat = args.repeat or (1 if args.quick else 3)
+    # The results this run replaces, kept in it for the before/after notes.
+    previous: dict[str, Any] = {}
+    earlier = args.output or RESULTS / "turns.json"
+    if earlier.exists():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            previous = previous_summary(json.loads(earlier.read_text(encoding="utf-8")))
     result = asyncio.run(main_run(n, args.quick, repeat))
+    result["previous"] = previous
     result["evaluation"] = evaluate(result)
     result["notes"] = build_notes(result)
     print_summary(result)

@@ -121,6 +121,15 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return (sum(values) - idle) / tick, sum(values) / tick
+
+
 def proc_rss_mb(pid: int) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -332,6 +341,26 @@ def apply_experiments(names: list[str]) -> dict[str, Any]:
 
             ClaudeModel.__init__ = __init__  # type: ignore[method-assign]
             ClaudeModel._create = _create  # type: ignore[method-assign]
+        elif name == "sdk_aiohttp":
+            # engine/models/claude.py: AsyncAnthropic(http_client=DefaultAioHttpClient())
+            # (the SDK's aiohttp transport; needs aiohttp, i.e. anthropic[aiohttp]).
+            import anthropic
+
+            from engine.models.claude import ClaudeModel
+
+            orig_init = ClaudeModel.__init__
+
+            def __init__(self: Any, **kw: Any) -> None:
+                if kw.get("client") is None:
+                    kw["client"] = anthropic.AsyncAnthropic(
+                        api_key=kw.get("api_key") or os.environ.get("ANTHROPIC_API_KEY"),
+                        base_url=kw.get("base_url"), timeout=kw.get("timeout", 30.0),
+                        max_retries=kw.get("max_retries", 2),
+                        http_client=anthropic.DefaultAioHttpClient(
+                            timeout=kw.get("timeout", 30.0)))
+                orig_init(self, **kw)
+
+            ClaudeModel.__init__ = __init__  # type: ignore[method-assign]
         elif name == "no_deflate":
             overrides["ws_per_message_deflate"] = False
         else:
@@ -747,7 +776,8 @@ async def fetch_metrics(port: int) -> dict[str, float]:
 
 
 async def run_level(n: int, args: argparse.Namespace, tmp: Path, fake_url: str | None,
-                    counter: list[int], cprofile: str | None = None) -> dict[str, Any]:
+                    counter: list[int], cprofile: str | None = None,
+                    fake_pid: int | None = None) -> dict[str, Any]:
     port = free_port()
     level_dir = tmp / f"level-{n}{'-profile' if cprofile else ''}"
     level_dir.mkdir()
@@ -771,8 +801,12 @@ async def run_level(n: int, args: argparse.Namespace, tmp: Path, fake_url: str |
     # Steady window: CPU of the server and of this process.
     await asyncio.sleep(max(0.0, marks["window_start"] - time.monotonic()))
     cpu0, self0 = proc_cpu(proc.pid), time.process_time()
+    fake0 = proc_cpu(fake_pid) if fake_pid else 0.0
+    busy0, total0 = machine_cpu()
     await asyncio.sleep(max(0.0, marks["window_end"] - time.monotonic()))
     cpu1, self1 = proc_cpu(proc.pid), time.process_time()
+    fake1 = proc_cpu(fake_pid) if fake_pid else 0.0
+    busy1, total1 = machine_cpu()
     rss = proc_rss_mb(proc.pid)
     load_during = os.getloadavg()
     await level.drain(marks)
@@ -786,7 +820,9 @@ async def run_level(n: int, args: argparse.Namespace, tmp: Path, fake_url: str |
     return {
         "n": n, "port": port, "marks": marks, "clients": level.clients,
         "connect_errors": dict(level.connect_errors), "server_cpu_s": cpu1 - cpu0,
-        "client_cpu_s": self1 - self0, "server_rss_mb": rss, "loop": loop_kind,
+        "client_cpu_s": self1 - self0, "server_rss_mb": rss,
+        "fake_cpu_s": fake1 - fake0 if fake_pid else None,
+        "machine_busy_cores": (busy1 - busy0) / max(1e-9, total1 - total0) * (os.cpu_count() or 1), "loop": loop_kind,
         "load_before": load_before, "load_during": load_during, "metrics": metrics,
         "server_rc": rc, "server_out": server_out,
         "server_log_errors": sum(1 for line in server_log.splitlines()
@@ -900,6 +936,12 @@ def summarise(raw: dict[str, Any], fake_timings: list[Any]) -> dict[str, Any]:
                        "ms_per_message": round(server_cpu / replied_msgs * 1000, 2),
                        "rss_mb": raw["server_rss_mb"]},
         "client_process_cpu_cores": round(raw["client_cpu_s"] / window, 3),
+        "fake_process_cpu_cores": round(raw["fake_cpu_s"] / window, 3)
+        if raw.get("fake_cpu_s") is not None else None,
+        "machine_busy_cores": round(raw["machine_busy_cores"], 2),
+        "other_processes_cores": round(raw["machine_busy_cores"] - server_cpu / window
+                                       - raw["client_cpu_s"] / window
+                                       - (raw.get("fake_cpu_s") or 0) / window, 2),
         "client_loop_lag_ms": {"p99": round((pct(lag, 99) or 0) * 1000, 1),
                                "max": round(max(lag, default=0) * 1000, 1)},
         "load_avg_before": [round(x, 2) for x in raw["load_before"]],
@@ -972,7 +1014,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for n in args.levels:
             print(f"level N={n} ...", flush=True)
-            raws.append(await run_level(n, args, tmp, fake_url, counter))
+            raws.append(await run_level(n, args, tmp, fake_url, counter,
+                                        fake_pid=fake_proc.pid if fake_proc else None))
         profile = None
         if args.profile_level:
             print(f"profile run N={args.profile_level} (cProfile in the server) ...", flush=True)
@@ -980,7 +1023,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             save_window = args.window
             args.window = args.profile_window
             praw = await run_level(args.profile_level, args, tmp, fake_url, counter,
-                                   cprofile=ppath)
+                                   cprofile=ppath, fake_pid=fake_proc.pid if fake_proc else None)
             args.window = save_window
             profile = {"raw": praw, "path": ppath}
     finally:
@@ -1124,7 +1167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--experiment", type=lambda s: [x for x in s.split(",") if x], default=[],
                    help="candidate engine fixes patched into the server (measurement only): "
-                        "fast_tokens, no_template_reload, sdk_shards<k>, no_deflate")
+                        "fast_tokens, no_template_reload, sdk_shards<k>, sdk_aiohttp, no_deflate")
     p.add_argument("--notes", help="a JSON file with a list of notes for the results")
     return p.parse_args(argv)
 
@@ -1152,6 +1195,9 @@ def main(argv: list[str] | None = None) -> None:
                                               "close_codes", "model_calls_per_message",
                                               "first_message_latency_ms",
                                               "client_loop_lag_ms", "server_metrics",
+                                              "server_cpu", "client_process_cpu_cores",
+                                              "fake_process_cpu_cores", "machine_busy_cores",
+                                              "other_processes_cores",
                                               "server_log_errors")}, default=str))
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)

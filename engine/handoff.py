@@ -24,12 +24,15 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from engine.core.types import Outbound
 from engine.errors import HelplineError, VersionConflictError
 from engine.i18n import pick
 from engine.store.base import ConversationState, MessageRecord, Owner, TurnWrite
+
+if TYPE_CHECKING:
+    from engine.queue_mirror import QueueMirror
 
 __all__ = ["DeskEvent", "HandoffDesk", "OwnershipError", "QueueItem", "can_move"]
 
@@ -118,9 +121,25 @@ class HandoffDesk:
 
     # -- reading ---------------------------------------------------------------
 
+    #: The queue's Redis mirror (engine/queue_mirror.py), attached by the server when
+    #: ``redis_url`` is set; None reads SQL.
+    mirror: QueueMirror | None = None
+
     async def queue(self, *, include_claimed: bool = True) -> list[QueueItem]:
-        """Conversations waiting for or owned by a human, oldest first."""
+        """Conversations waiting for or owned by a human, oldest first.
+
+        Read from the Redis mirror when one is attached and answers; from SQL
+        (the truth) otherwise, also on any Redis error.
+        """
         now = self.engine.clock()
+        if self.mirror is not None:
+            try:
+                mirrored = await self.mirror.queue(now, include_claimed=include_claimed)
+            except Exception:  # the mirror is a cache: never fail a read because of it
+                logger.exception("handoff queue mirror failed; reading SQL")
+                mirrored = None
+            if mirrored is not None:
+                return mirrored
         rows = await self.store.conversations(owner="pending_human", limit=500)
         if include_claimed:
             rows += await self.store.conversations(owner="human", limit=500)

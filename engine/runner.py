@@ -269,6 +269,13 @@ class Engine:
         if estimate is not None and inbound.kind == "text" and not outcome.muted:
             metrics.observe_satisfaction_estimate(estimate)
 
+    def _count_duplicate(self, inbound: Inbound, conv: ConversationState | None) -> None:
+        """A redelivered channel message was dropped; counted as outcome ``duplicate``."""
+        self.stats["duplicates"] += 1
+        if self.metrics is not None:
+            self.metrics.count_turn(conv.flow if conv is not None else None,
+                                    inbound.key.channel, "duplicate")
+
     async def _handle_locked(self, inbound: Inbound, deliver: bool) -> TurnResult:
         started = time.perf_counter()
         # Checked under the lock: a redelivery that queued behind the original
@@ -277,7 +284,7 @@ class Engine:
         conv, duplicate = await self.store.load_for_turn(inbound.key,
                                                          inbound.channel_message_id)
         if duplicate:
-            self.stats["duplicates"] += 1
+            self._count_duplicate(inbound, conv)
             return TurnResult("", duplicate=True)
         for attempt in range(self.max_retries_on_conflict + 1):
             if attempt:  # after a version conflict: the fresh state
@@ -295,7 +302,7 @@ class Engine:
                 await self.store.commit_turn(write)
             except DuplicateMessageError:
                 # Lost a race with another process that stored the same delivery.
-                self.stats["duplicates"] += 1
+                self._count_duplicate(inbound, conv)
                 return TurnResult(conv.id, duplicate=True)
             except VersionConflictError:
                 # Another process wrote this conversation meanwhile; re-run on fresh state.

@@ -28,6 +28,7 @@ from engine.app import App, build_app
 from engine.config import Settings
 from engine.handoff import HandoffDesk
 from engine.metrics import Metrics
+from engine.queue_mirror import attach_shared_state
 from engine.server.context import ServerContext
 from engine.server.plugins import ChannelPlugin, load_plugins
 
@@ -82,6 +83,10 @@ def create_app(settings: Settings, *, model: str | None = None, app: App | None 
         state["context"] = context
         state["plugins"] = plugins
         starlette.state.context = context
+        # Other server processes: the event bus and the queue's Redis mirror (with
+        # redis_url; in-process otherwise). Before the console, which subscribes to the bus.
+        shared = await attach_shared_state(context.engine, context.desk, settings.redis_url)
+        context.extras["bus"] = shared.bus
         for plugin in plugins:
             for route in plugin.routes():
                 starlette.router.routes.append(route)
@@ -101,6 +106,7 @@ def create_app(settings: Settings, *, model: str | None = None, app: App | None 
             expiry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await expiry
+            await shared.close()
             # Channels close their sockets (1012) and let in-flight turns finish.
             for plugin in reversed(plugins):
                 try:

@@ -57,8 +57,9 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from engine.core.types import TurnOutcome
-from engine.handoff import DeskEvent, HandoffDesk, OwnershipError, QueueItem
+from engine.bus import Bus, BusEvent
+from engine.core.types import HandoffPacket, TurnOutcome
+from engine.handoff import DeskAction, DeskEvent, HandoffDesk, OwnershipError, QueueItem
 from engine.server.context import ServerContext
 from engine.store.base import ConversationState, EntityChange, MessageRecord, Store
 
@@ -297,6 +298,10 @@ class ConsoleHub:
         {"type": "records", "conversation_id", "records": [...]}   to its watchers
 
     Clients send ``{"type": "watch", "conversation_id": id | null}``.
+
+    Changes other server processes committed arrive as :class:`~engine.bus.BusEvent`
+    (``on_remote``, no customer text): the conversation and the messages the
+    commit added are reloaded from the store and sent exactly like a local event.
     """
 
     def __init__(self, desk: HandoffDesk, clock: Callable[[], datetime]) -> None:
@@ -306,10 +311,17 @@ class ConsoleHub:
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._queue_dirty = False
+        #: This process's bus origin: its own bus events are skipped (``on_event`` has them).
+        self.origin: str | None = None
 
     async def on_event(self, event: Any) -> None:
         """The engine subscriber: never blocks the turn."""
         if self.clients:
+            self._events.put_nowait(event)
+
+    async def on_remote(self, event: BusEvent) -> None:
+        """The bus subscriber: another process committed a change; never blocks."""
+        if self.clients and event.origin != self.origin:
             self._events.put_nowait(event)
 
     def connect(self, session: Session) -> _Client:
@@ -340,12 +352,48 @@ class ConsoleHub:
         while True:
             event = await self._events.get()
             try:
-                self._dispatch(event)
+                if isinstance(event, BusEvent):
+                    event = await self._from_bus(event)
+                if event is not None:
+                    self._dispatch(event)
                 if self._queue_dirty and self._events.empty():
                     self._queue_dirty = False
                     self._broadcast({"type": "queue", "items": await self.queue_json()})
             except Exception:  # one bad event must not stop the live updates
                 logger.exception("agent console: dispatching %r failed", type(event).__name__)
+
+    async def _from_bus(self, event: BusEvent) -> DeskEvent | TurnOutcome | None:
+        """A remote change as the local event it was, reloaded from the store."""
+        if event.is_resync:  # the bus may have missed events: resend the queue
+            self._queue_dirty = True
+            return None
+        cid = event.conversation_id
+        watched = any(client.watching == cid for client in self.clients)
+        queued = event.owner in ("pending_human", "human")
+        if event.kind == "turn" and not (watched or queued):
+            return None  # a bot conversation nobody looks at
+        store = self.desk.store
+        conv = await store.load_by_id(cid)
+        if conv is None:
+            return None
+        records: list[MessageRecord] = []
+        if watched or (event.kind == "turn" and queued):
+            records = [r for r in await store.messages(cid, after_seq=event.seq_before)
+                       if r.seq <= event.seq]
+        if event.kind == "desk":
+            action: DeskAction = event.action  # type: ignore[assignment]
+            return DeskEvent(action, conv, event.agent, records=records)
+        handoff = None
+        if event.kind == "handoff":
+            meta = conv.results.get("_handoff", {})
+            handoff = HandoffPacket(
+                conversation_id=conv.id, key=conv.key,
+                reason=event.reason or conv.handoff_reason or "request",
+                priority=str(meta.get("priority", "normal")), flow=conv.flow,
+                state=conv.state, language=conv.language, summary=conv.summary,
+                entities={}, detail=str(meta.get("detail", "")))
+        return TurnOutcome(conversation=conv, expected_version=conv.version - 1,
+                           records=records, handoff=handoff, muted=event.action == "muted")
 
     def _dispatch(self, event: Any) -> None:
         if isinstance(event, DeskEvent):
@@ -438,6 +486,10 @@ def console_routes(context: ServerContext) -> list[BaseRoute]:
     clock: Callable[[], datetime] = engine.clock
     hub = ConsoleHub(desk, clock)
     engine.subscribe(hub.on_event)
+    bus: Bus | None = context.extras.get("bus")
+    if bus is not None:  # changes committed by the other server processes
+        hub.origin = bus.origin
+        bus.subscribe(hub.on_remote)
     context.extras["console"] = hub
     allowed = _allowed_origins(context)
     secure_cookie = bool(settings.public_url and settings.public_url.startswith("https://"))

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import copy
 import itertools
 import re
 import uuid
@@ -250,6 +251,11 @@ class ChannelDriver(abc.ABC):
         message offering it."""
 
     @abc.abstractmethod
+    async def press_again(self, choice: str | int) -> None:
+        """Tap ``choice`` on the message of the last :meth:`press` once more: a double
+        tap, or another device of the customer still showing the spent buttons."""
+
+    @abc.abstractmethod
     async def settle(self, timeout: float) -> None:
         """Wait until the server has handled everything sent and delivered every reply."""
 
@@ -360,6 +366,10 @@ class WebDriver(ChannelDriver):
     async def press(self, choice: str | int) -> None:
         self.pressable(self.received(), choice)
         # What the widget sends: a rating frame for the stars, quick_reply otherwise.
+        await self.press_again(choice)
+
+    async def press_again(self, choice: str | int) -> None:
+        # The web protocol's button frames do not name the message they answer.
         frame: Frame = ({"type": "rating", "id": self.new_id(), "value": choice}
                         if isinstance(choice, int) else
                         {"type": "quick_reply", "id": self.new_id(), "payload": choice})
@@ -409,6 +419,7 @@ class TelegramDriver(ChannelDriver):
         #: Updates pushed for this chat, and the channel's update count before the first.
         self._pushed = 0
         self._taken_before: int = self.plugin.stats["updates"]
+        self._pressed: int | None = None
 
     @property
     def tg(self) -> FakeTelegram:
@@ -447,9 +458,18 @@ class TelegramDriver(ChannelDriver):
         messages = self.tg.messages(self.chat)
         message = messages[self.pressable([_telegram_reply(m) for m in messages], choice)]
         [button] = [b for b in message.buttons() if _telegram_payload(b) == payload]
+        self._pressed = message.message_id
         self._pushed += 1
         self.tg.push_callback(self.chat, data=str(button["callback_data"]),
                               message_id=message.message_id)
+
+    async def press_again(self, choice: str | int) -> None:
+        assert self._pressed is not None, "nothing pressed yet"
+        payload = self.choice_payload(choice)
+        data = ("r:" + payload.removeprefix("rating:") if payload.startswith("rating:")
+                else "q:" + payload)
+        self._pushed += 1
+        self.tg.push_callback(self.chat, data=data, message_id=self._pressed)
 
     async def settle(self, timeout: float) -> None:
         # Every update pushed reached the channel (the fake also drops an update whose
@@ -488,6 +508,7 @@ class SlackDriver(ChannelDriver):
         self.user = f"U0CONF{self.number:04d}"
         self.root: str | None = None
         self._envelopes: dict[str, dict[str, Any]] = {}
+        self._pressed: dict[str, Any] | None = None
 
     @property
     def plugin(self) -> Any:
@@ -528,8 +549,18 @@ class SlackDriver(ChannelDriver):
         posted = self._posted()
         message = posted[self.pressable([_slack_reply(m) for m in posted], choice)]
         [button] = [b for b in _slack_buttons(message) if b.get("value") == payload]
-        action = self.server.events.block_actions(self.user, message, button["action_id"],
-                                                  channel=SLACK_SUPPORT)
+        self._pressed = copy.deepcopy(message)  # as the customer's client showed it
+        await self._send_press(self._pressed, button["action_id"], payload)
+
+    async def press_again(self, choice: str | int) -> None:
+        assert self._pressed is not None, "nothing pressed yet"
+        payload = self.choice_payload(choice)
+        [button] = [b for b in _slack_buttons(self._pressed) if b.get("value") == payload]
+        await self._send_press(self._pressed, button["action_id"], payload)
+
+    async def _send_press(self, message: dict[str, Any], action_id: str, payload: str) -> None:
+        action = self.server.events.block_actions(self.user, message, action_id,
+                                                  channel=SLACK_SUPPORT, value=payload)
         response = await self.server.events.send_action(action)
         assert response.status_code == 200, response.text
 
