@@ -284,8 +284,8 @@ class RedisBus(_Fanout):
                                self.stats["dropped"])
 
     async def close(self, *, drain: float = 1.0) -> None:
-        """Send what is pending (at most ``drain`` seconds), then stop."""
-        if self._tasks and not self._outbox.empty():
+        """Send what is pending (at most ``drain`` seconds, if connected), then stop."""
+        if self._tasks and not self._outbox.empty() and self.subscribed.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._outbox.join(), drain)
         tasks, self._tasks = self._tasks, []

@@ -24,6 +24,7 @@ The model proposes; only this code changes state.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Generator, Mapping
 from datetime import datetime
@@ -124,6 +125,9 @@ class TurnCore:
         self.fresh = False
         self.decision: Decision | None = None
         self._plain: dict[str, Any] | None = None
+        #: Bumped on every entity or result change; keys the template-context cache.
+        self._changes = 0
+        self._ctx: tuple[tuple[str, int, str], dict[str, Any]] | None = None
         self._last_normal: str | None = conv.state
 
     # -- helpers -------------------------------------------------------------
@@ -172,6 +176,15 @@ class TurnCore:
         return scope
 
     def template_context(self, state: State) -> dict[str, Any]:
+        # Rebuilt only when entities or results changed since the last call.
+        key = (state.name, self._changes, self.conv.language)
+        if self._ctx is not None and self._ctx[0] == key:
+            return self._ctx[1]
+        ctx = self._build_context(state)
+        self._ctx = (key, ctx)
+        return ctx
+
+    def _build_context(self, state: State) -> dict[str, Any]:
         ctx = self.scope()
         ctx["entities"] = self.plain_entities()
         ctx["results"] = dict(self.conv.results)
@@ -264,6 +277,7 @@ class TurnCore:
         conv.owner_agent = None
         # A hand-back marker is for the next decision, in whichever journey.
         conv.results = {k: v for k, v in conv.results.items() if k in ("handback", "_pii")}
+        self._changes += 1
         self._last_normal = None
         # The satisfaction streak survives: a customer who stays angry across
         # journeys still reaches a human.
@@ -503,6 +517,7 @@ class TurnCore:
 
     def set_entity(self, name: str, value: Any, source: str, turn: int) -> None:
         self._plain = None
+        self._changes += 1
         previous = self.conv.entities.get(name)
         self.conv.entities[name] = {"v": value, "t": turn, "s": source}
         self.clear(f"attempts:{name}")
@@ -669,6 +684,7 @@ class TurnCore:
 
     def apply_action_result(self, flow: Flow, name: str, result: ActionResult) -> None:
         self.conv.results[name] = dict(result.data)
+        self._changes += 1
         turn = self.conv.counters.get("turn", 0)
         for entity_name, raw in result.entities.items():
             entity = flow.entities.get(entity_name)
@@ -767,11 +783,17 @@ class TurnCore:
         return self.out
 
 
+_NON_ASCII_LETTER = re.compile(r"[^\W\d_A-Za-z]")
+_ASCII_WORD = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]+(?![A-Za-z0-9])")
+
+
 def _has_words(norm: str) -> bool:
     # Messages that are only an order number, digits or a lone "ok" say
     # nothing reliable about the customer's language; keep the previous one.
-    return any(ch.isalpha() and not ch.isascii() for ch in norm) or sum(
-        1 for w in norm.split() if w.isalpha() and w.isascii()) >= 2
+    if _NON_ASCII_LETTER.search(norm):
+        return True
+    words = _ASCII_WORD.finditer(norm)
+    return next(words, None) is not None and next(words, None) is not None
 
 
 def _rating_buttons() -> tuple[QuickReply, ...]:

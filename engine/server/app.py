@@ -106,13 +106,13 @@ def create_app(settings: Settings, *, model: str | None = None, app: App | None 
             expiry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await expiry
-            await shared.close()
             # Channels close their sockets (1012) and let in-flight turns finish.
             for plugin in reversed(plugins):
                 try:
                     await plugin.stop()
                 except Exception:
                     logger.exception("stopping channel %s failed", plugin.name)
+            await shared.close()  # after the channels: their last turns are still told
             if app is None:
                 await context.app.close()
 

@@ -119,7 +119,7 @@ class ConformanceServer:
     def driver(self, channel: str) -> ChannelDriver:
         drivers: dict[str, type[ChannelDriver]] = {
             "web": WebDriver, "telegram": TelegramDriver, "slack": SlackDriver}
-        return drivers[channel](self)
+        return drivers[channel](self, [])
 
 
 async def give_order(shop: Shop, order_id: str, customer: str) -> None:
@@ -172,18 +172,11 @@ async def channel_driver(request: pytest.FixtureRequest,
                          conformance_server: ConformanceServer
                          ) -> AsyncIterator[ChannelDriver]:
     """A new customer on each channel (ids ``web``, ``telegram``, ``slack``)."""
-    drivers: list[ChannelDriver] = []
-
-    def track(driver: ChannelDriver) -> None:
-        drivers.append(driver)
-
     driver = conformance_server.driver(request.param)
-    driver.on_fresh = track
-    track(driver)
     try:
         yield driver
     finally:
-        for opened in drivers:
+        for opened in driver.family:
             await opened.close()
 
 
@@ -195,12 +188,14 @@ class ChannelDriver(abc.ABC):
 
     channel: ClassVar[str]
 
-    def __init__(self, server: ConformanceServer) -> None:
+    def __init__(self, server: ConformanceServer, family: list[ChannelDriver]) -> None:
         self.server = server
+        #: This driver and those made by :meth:`fresh` (the fixture closes them all).
+        self.family = family
+        family.append(self)
         self.number = next(_numbers)
         self.sent_ids: list[str] = []
         self._taken = 0
-        self.on_fresh: Any = None
 
     # -- identity --------------------------------------------------------------
 
@@ -225,12 +220,8 @@ class ChannelDriver(abc.ABC):
         return records
 
     def fresh(self) -> ChannelDriver:
-        """A new customer on the same channel (closed with this one's fixture)."""
-        other = type(self)(self.server)
-        other.on_fresh = self.on_fresh
-        if self.on_fresh is not None:
-            self.on_fresh(other)
-        return other
+        """A new customer, in a new conversation, on the same channel."""
+        return type(self)(self.server, self.family)
 
     # -- the customer's side -----------------------------------------------------
 
@@ -308,8 +299,8 @@ class WebDriver(ChannelDriver):
 
     channel = "web"
 
-    def __init__(self, server: ConformanceServer) -> None:
-        super().__init__(server)
+    def __init__(self, server: ConformanceServer, family: list[ChannelDriver]) -> None:
+        super().__init__(server, family)
         self.client: ChatClient | None = None
         self.session = ""
         self.site = "default"
@@ -412,8 +403,8 @@ class TelegramDriver(ChannelDriver):
 
     channel = "telegram"
 
-    def __init__(self, server: ConformanceServer) -> None:
-        super().__init__(server)
+    def __init__(self, server: ConformanceServer, family: list[ChannelDriver]) -> None:
+        super().__init__(server, family)
         self.chat = next(_telegram_chats)
         self._updates: dict[str, dict[str, Any]] = {}
         #: Updates pushed for this chat, and the channel's update count before the first.
@@ -503,8 +494,8 @@ class SlackDriver(ChannelDriver):
 
     channel = "slack"
 
-    def __init__(self, server: ConformanceServer) -> None:
-        super().__init__(server)
+    def __init__(self, server: ConformanceServer, family: list[ChannelDriver]) -> None:
+        super().__init__(server, family)
         self.user = f"U0CONF{self.number:04d}"
         self.root: str | None = None
         self._envelopes: dict[str, dict[str, Any]] = {}

@@ -57,7 +57,7 @@ def customer_visible(records: list[MessageRecord]) -> list[MessageRecord]:
 
 def turns_counted(server: ConformanceServer, channel: str, outcome: str) -> float:
     """``helpline_turns_total`` of one channel and outcome, over all flows."""
-    return sum(sample.value for family in server.context.metrics.turns.collect()
+    return sum(float(sample.value) for family in server.context.metrics.turns.collect()
                for sample in family.samples
                if sample.name == "helpline_turns_total"
                and sample.labels.get("channel") == channel
