@@ -78,7 +78,9 @@ TEXTS = (
     "ref qz{m} just checking, how long do refunds usually take?",
 )
 REPLY = "Sure, happy to help with that. Whenever you have your order number, send it over."
-STALE_AFTER = 15.0  # seconds after the last send a missing ack/reply counts as lost
+DRAIN_MAX = 60.0  # after the window: wait at most this long for outstanding replies
+STALL = 10.0  # ... and stop earlier when nothing arrives for this long: the rest is lost
+LATE = 10.0  # replies slower than this are counted as late (not lost)
 
 
 def letters(n: int) -> str:
@@ -415,11 +417,20 @@ def run_server(cfg: dict[str, Any]) -> None:
             yield
 
     server = _Server(config)
+    profile = None
+    if cfg.get("cprofile"):
+        import cProfile
+
+        profile = cProfile.Profile()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        if profile is not None:
+            # The bench profiles the steady window only: SIGUSR1 starts, SIGUSR2 stops.
+            loop.add_signal_handler(signal.SIGUSR1, profile.enable)
+            loop.add_signal_handler(signal.SIGUSR2, profile.disable)
         task = asyncio.create_task(server.serve())
         while not server.started:
             if task.done():
@@ -429,12 +440,6 @@ def run_server(cfg: dict[str, Any]) -> None:
         print(f"READY {cfg['port']} {type(asyncio.get_running_loop()).__module__}", flush=True)
         await task
 
-    profile = None
-    if cfg.get("cprofile"):
-        import cProfile
-
-        profile = cProfile.Profile()
-        profile.enable()
     try:
         asyncio.run(main()) if config.loop == "asyncio" else run_with_uvicorn_loop(config, main)
     finally:
@@ -633,10 +638,17 @@ class LoadLevel:
         return marks
 
     async def drain(self, marks: dict[str, float]) -> None:
-        """Wait (bounded) until every sent message has its ack and a reply."""
-        deadline = marks["window_end"] + STALE_AFTER
-        while time.monotonic() < deadline:
+        """Wait until every sent message has its ack and a reply: while replies keep
+        coming, up to DRAIN_MAX s; stop after STALL s without progress."""
+        hard = marks["window_end"] + DRAIN_MAX
+        last_progress, seen = time.monotonic(), -1
+        while time.monotonic() < hard:
             if all(self.complete(c) for c in self.clients):
+                break
+            count = sum(len(c.bot) + len(c.acks) for c in self.clients)
+            if count != seen:
+                seen, last_progress = count, time.monotonic()
+            elif time.monotonic() - last_progress > STALL:
                 break
             await asyncio.sleep(0.25)
         marks["drained"] = time.monotonic()
@@ -777,15 +789,17 @@ async def fetch_metrics(port: int) -> dict[str, float]:
 
 async def run_level(n: int, args: argparse.Namespace, tmp: Path, fake_url: str | None,
                     counter: list[int], cprofile: str | None = None,
-                    fake_pid: int | None = None) -> dict[str, Any]:
+                    fake_pid: int | None = None, experiments: list[str] | None = None,
+                    tag: str = "") -> dict[str, Any]:
     port = free_port()
-    level_dir = tmp / f"level-{n}{'-profile' if cprofile else ''}"
+    experiments = args.experiment if experiments is None else experiments
+    level_dir = tmp / f"level-{n}{tag}"
     level_dir.mkdir()
     server_cfg = {
         "port": port, "db": str(level_dir / "helpline.db"), "flows_dir": str(args.flows_dir),
         "fake_url": fake_url, "fake_in_server": args.fake_in_server, "latency": MODEL_LATENCY,
         "out": str(level_dir / "server-out.json"), "cprofile": cprofile,
-        "experiments": args.experiment,
+        "experiments": experiments,
         "settings": {} if args.default_limits else {
             # 1000 clients x 1 msg / 4 s x 0.2 s = 50 model calls in flight on average;
             # the defaults (16 in total, 8 per model id) cap a process at 40 decisions/s.
@@ -800,6 +814,8 @@ async def run_level(n: int, args: argparse.Namespace, tmp: Path, fake_url: str |
     marks = await level.run()
     # Steady window: CPU of the server and of this process.
     await asyncio.sleep(max(0.0, marks["window_start"] - time.monotonic()))
+    if cprofile:
+        proc.send_signal(signal.SIGUSR1)
     cpu0, self0 = proc_cpu(proc.pid), time.process_time()
     fake0 = proc_cpu(fake_pid) if fake_pid else 0.0
     busy0, total0 = machine_cpu()
@@ -807,6 +823,8 @@ async def run_level(n: int, args: argparse.Namespace, tmp: Path, fake_url: str |
     cpu1, self1 = proc_cpu(proc.pid), time.process_time()
     fake1 = proc_cpu(fake_pid) if fake_pid else 0.0
     busy1, total1 = machine_cpu()
+    if cprofile:
+        proc.send_signal(signal.SIGUSR2)
     rss = proc_rss_mb(proc.pid)
     load_during = os.getloadavg()
     await level.drain(marks)
@@ -824,7 +842,7 @@ async def run_level(n: int, args: argparse.Namespace, tmp: Path, fake_url: str |
         "fake_cpu_s": fake1 - fake0 if fake_pid else None,
         "machine_busy_cores": (busy1 - busy0) / max(1e-9, total1 - total0) * (os.cpu_count() or 1), "loop": loop_kind,
         "load_before": load_before, "load_during": load_during, "metrics": metrics,
-        "server_rc": rc, "server_out": server_out,
+        "server_rc": rc, "server_out": server_out, "experiments": experiments,
         "server_log_errors": sum(1 for line in server_log.splitlines()
                                  if "Traceback" in line or " ERROR" in line
                                  or line.startswith("ERROR")),
@@ -868,6 +886,7 @@ def summarise(raw: dict[str, Any], fake_timings: list[Any]) -> dict[str, Any]:
     no_ack = sum(1 for r in rows if r["t_ack"] is None)
     no_reply = sum(1 for r in rows if r["t_reply"] is None)
     lost = sum(1 for r in rows if r["t_ack"] is None or r["t_reply"] is None)
+    late = sum(1 for r in rows if r["t_reply"] is not None and r["t_reply"] - r["t_send"] > LATE)
     in_window = [r for r in rows if w0 <= r["t_send"] < w1]
     replied_in_window = sum(1 for r in rows if r["t_reply"] is not None
                             and w0 <= r["t_reply"] < w1)
@@ -906,6 +925,7 @@ def summarise(raw: dict[str, Any], fake_timings: list[Any]) -> dict[str, Any]:
     lag = raw["client_loop_lag"]
     result = {
         "clients": n,
+        "experiments": raw.get("experiments") or [],
         "connected": totals["connected"],
         "connect_errors": raw["connect_errors"],
         "loop": raw["loop"],
@@ -917,6 +937,7 @@ def summarise(raw: dict[str, Any], fake_timings: list[Any]) -> dict[str, Any]:
         "messages_in_window": len(in_window),
         "lost": lost,
         "lost_detail": {"no_ack": no_ack, "no_reply": no_reply},
+        f"late_over_{LATE:g}s": late,
         "duplicated": totals["dup_seq"] + totals["dup_ack"] + totals["dup_reply"],
         "duplicate_detail": {"seq_twice": totals["dup_seq"], "ack_twice": totals["dup_ack"],
                              "two_replies_one_turn": totals["dup_reply"],
@@ -982,16 +1003,62 @@ def machine_info() -> dict[str, Any]:
             "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
-def profile_summary(path: str, top: int = 35) -> dict[str, Any]:
+_PROFILE_GROUPS = (
+    ("anthropic SDK", ("/anthropic/",)),
+    ("httpx2/httpcore2/anyio/h11 (SDK transport)",
+     ("/httpx2/", "/httpcore2/", "/anyio/", "/h11/", "/sniffio/")),
+    ("aiohttp (SDK transport, sdk_aiohttp)", ("/aiohttp/", "/multidict/", "/yarl/",
+                                              "/aiohappyeyeballs/")),
+    ("engine/", ("/engine/",)),
+    ("channels/web", ("/channels/",)),
+    ("uvicorn + websockets", ("/uvicorn/", "/websockets/")),
+    ("starlette", ("/starlette/",)),
+    ("pydantic", ("/pydantic/", "pydantic_core")),
+    ("jinja2", ("/jinja2/", ".j2")),
+    ("sqlalchemy", ("/sqlalchemy/",)),
+    ("prometheus_client", ("/prometheus_client/",)),
+    ("asyncio", ("/asyncio/",)),
+    ("json", ("/json/",)),
+)
+
+
+def _profile_group(func: tuple[str, int, str]) -> str:
+    path, _, name = func
+    if path == "~":
+        if "poll" in name:
+            return "select.poll (httpcore idle-connection probe)"
+        if "SimpleQueue" in name:
+            return "SimpleQueue.put (store worker hand-off)"
+        if "zlib" in name or "compress" in name or "flush" in name:
+            return "zlib (permessage-deflate)"
+        if "urandom" in name:
+            return "os.urandom (uuid4: SDK idempotency keys)"
+        if "stat" in name:
+            return "os.stat (jinja2 auto_reload)"
+        return "other C builtins"
+    for label, keys in _PROFILE_GROUPS:
+        if any(k in path for k in keys):
+            return label
+    return "other Python"
+
+
+def profile_summary(path: str, top: int = 30) -> dict[str, Any]:
+    """Top functions, and the main thread's profiled time by package (share in %)."""
     import io
     import pstats
 
     out: dict[str, Any] = {}
+    stats = pstats.Stats(path)
+    groups: Counter[str] = Counter()
+    for func, (_, _, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        groups[_profile_group(func)] += tottime
+    total = sum(groups.values()) or 1.0
+    out["by_package_percent"] = {k: round(100 * v / total, 1) for k, v in groups.most_common()}
+    out["profiled_seconds"] = round(total, 1)
     for key in ("tottime", "cumulative"):
         buf = io.StringIO()
-        stats = pstats.Stats(path, stream=buf)
-        stats.strip_dirs().sort_stats(key).print_stats(top)
-        out[key] = buf.getvalue()
+        pstats.Stats(path, stream=buf).strip_dirs().sort_stats(key).print_stats(top)
+        out[f"top_{key}"] = buf.getvalue().splitlines()
     return out
 
 
@@ -1016,6 +1083,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             print(f"level N={n} ...", flush=True)
             raws.append(await run_level(n, args, tmp, fake_url, counter,
                                         fake_pid=fake_proc.pid if fake_proc else None))
+        compare = None
+        if args.compare_level and args.compare_experiment:
+            print(f"level N={args.compare_level} with {args.compare_experiment} ...", flush=True)
+            compare = await run_level(args.compare_level, args, tmp, fake_url, counter,
+                                      fake_pid=fake_proc.pid if fake_proc else None,
+                                      experiments=args.compare_experiment, tag="-compare")
         profile = None
         if args.profile_level:
             print(f"profile run N={args.profile_level} (cProfile in the server) ...", flush=True)
@@ -1023,7 +1096,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             save_window = args.window
             args.window = args.profile_window
             praw = await run_level(args.profile_level, args, tmp, fake_url, counter,
-                                   cprofile=ppath, fake_pid=fake_proc.pid if fake_proc else None)
+                                   cprofile=ppath, fake_pid=fake_proc.pid if fake_proc else None,
+                                   tag="-profile")
             args.window = save_window
             profile = {"raw": praw, "path": ppath}
     finally:
@@ -1054,7 +1128,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                  "model_queue_bound=10000",
             "store": "SQLite file (temp dir), fresh per level",
             "flows": "copy of flows/ with refund.handoff.max_failed_attempts 3 -> 20",
-            "stale_after_s": STALE_AFTER,
+            "drain": f"after the window, wait for outstanding replies while they keep coming "
+                     f"(at most {DRAIN_MAX:g} s; stop after {STALL:g} s without any); a message "
+                     "without ack or reply then is lost",
             "experiments": args.experiment,
         },
         "levels": levels,
@@ -1062,6 +1138,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "total_run_s": round(time.monotonic() - started, 1),
         "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
     }
+    if compare is not None:
+        t = timings or compare["server_out"].get("fake_timings", [])
+        result["with_candidate_fixes"] = summarise(compare, t)
     if args.profile_level and profile is not None:
         t = timings or profile["raw"]["server_out"].get("fake_timings", [])
         result["profile"] = {"level": summarise(profile["raw"], t),
@@ -1099,12 +1178,17 @@ def render_md(result: dict[str, Any]) -> str:
         "| server CPU (cores) | CPU ms/msg | target |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for lv in result["levels"]:
+    rows = list(result["levels"])
+    if result.get("with_candidate_fixes"):
+        rows.append(result["with_candidate_fixes"])
+    for lv in rows:
         t = lv["target"]
         ok = all(t.values())
         missed = [k for k, v in t.items() if not v]
+        label = f"{lv['clients']:,}" + (f" ({'+'.join(lv['experiments'])})"
+                                         if lv.get("experiments") else "")
         lines.append(
-            f"| {lv['clients']:,} | {fmt(lv['offered_msgs_per_s'])} "
+            f"| {label} | {fmt(lv['offered_msgs_per_s'])} "
             f"| {fmt(lv['sustained_msgs_per_s'])} "
             f"| {fmt(lv['reply_latency_ms'].get('p50'))} | {fmt(lv['reply_latency_ms'].get('p99'))} "
             f"| {fmt(lv['overhead_vs_fake_service_ms'].get('p50'))} "
@@ -1120,10 +1204,11 @@ def render_md(result: dict[str, Any]) -> str:
         "instead. Target (at 1000 clients): overhead p99 < 50 ms, nothing lost or duplicated.",
     ]
     split_rows = []
-    for lv in result["levels"]:
+    for lv in rows:
         s = lv["latency_split_ms"]
+        label = f"{lv['clients']:,}" + (" (fixes)" if lv.get("experiments") else "")
         split_rows.append(
-            f"| {lv['clients']:,} | " + " | ".join(
+            f"| {label} | " + " | ".join(
                 f"{fmt(s[k].get('p50'))} / {fmt(s[k].get('p99'))}" for k in (
                     "client_to_turn", "turn_to_handle", "handle_non_model", "sdk_http",
                     "handle_end_to_client")) + " |")
@@ -1136,6 +1221,26 @@ def render_md(result: dict[str, Any]) -> str:
         "|---:|---|---|---|---|---|",
         *split_rows,
     ]
+    cpu_rows = [f"| {lv['clients']:,}{' (fixes)' if lv.get('experiments') else ''} "
+                f"| {lv['server_cpu']['cores']:.2f} | {fmt(lv.get('fake_process_cpu_cores'))} "
+                f"| {lv['client_process_cpu_cores']:.2f} | {fmt(lv.get('other_processes_cores'))} "
+                f"| {fmt(lv.get('machine_busy_cores'))} | {lv['client_loop_lag_ms']['p99']} |"
+                for lv in rows]
+    lines += [
+        "",
+        "CPU during the steady window (cores; the machine has 2, shared with other jobs):",
+        "",
+        "| clients | server | fake Claude | clients (this process) | other processes "
+        "| machine busy | client loop lag p99 ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *cpu_rows,
+    ]
+    prof = result.get("profile")
+    if prof:
+        shares = ", ".join(f"{k} {v}%" for k, v in list(prof["by_package_percent"].items())[:9])
+        lines += ["", f"cProfile of the server's main thread during the steady window at "
+                      f"{prof['level']['clients']:,} clients (share of profiled time; the "
+                      f"SQLite worker thread is not profiled): {shares}."]
     notes = result.get("notes")
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
@@ -1162,6 +1267,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-level", type=int, default=0,
                    help="after the levels, run this N again with cProfile in the server")
     p.add_argument("--profile-window", type=float, default=20.0)
+    p.add_argument("--compare-level", type=int, default=0,
+                   help="after the levels, run this N again with --compare-experiment")
+    p.add_argument("--compare-experiment", type=lambda s: [x for x in s.split(",") if x],
+                   default=[], help="experiments for the --compare-level run")
     p.add_argument("--keep-profile", help="copy the server's .prof file here")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, dumps)")
     p.add_argument("--no-write", action="store_true", help="print only")
@@ -1169,6 +1278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="candidate engine fixes patched into the server (measurement only): "
                         "fast_tokens, no_template_reload, sdk_shards<k>, sdk_aiohttp, no_deflate")
     p.add_argument("--notes", help="a JSON file with a list of notes for the results")
+    p.add_argument("--report-only", action="store_true",
+                   help="re-render ws_load.md from ws_load.json (with --notes: set the notes)")
     return p.parse_args(argv)
 
 
@@ -1178,13 +1289,16 @@ def main(argv: list[str] | None = None) -> None:
         cfg = json.loads(Path(args.config).read_text())
         (run_server if args.role == "server" else run_fake)(cfg)
         return
-    try:
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            result = runner.run(main_async(args))
-    except ImportError:
-        result = asyncio.run(main_async(args))
+    if args.report_only:
+        result = json.loads((RESULTS / "ws_load.json").read_text())
+    else:
+        try:
+            import uvloop
+        except ImportError:
+            result = asyncio.run(main_async(args))
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                result = runner.run(main_async(args))
     if args.notes:
         result["notes"] = json.loads(Path(args.notes).read_text())
     md = render_md(result)

@@ -23,6 +23,7 @@ The model proposes; only this code changes state.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import uuid
@@ -248,6 +249,11 @@ class TurnCore:
                 self.restart()
             self.rating(inbound.rating)
             return self.finish()
+        if inbound.kind == "quick_reply" and self.stale_quick_reply():
+            # A button from an earlier step ("Yes, refund" tapped again after the
+            # refund): the conversation moved on, so the tap means nothing now.
+            self.event("stale_quick_reply", text=inbound.text)
+            return self.finish()
         if conv.owner == "resolved" or self.ended():
             self.restart()
 
@@ -276,7 +282,8 @@ class TurnCore:
         conv.owner = "bot"
         conv.owner_agent = None
         # A hand-back marker is for the next decision, in whichever journey.
-        conv.results = {k: v for k, v in conv.results.items() if k in ("handback", "_pii")}
+        conv.results = {k: v for k, v in conv.results.items()
+                        if k in ("handback", "_pii", "_quick")}
         self._changes += 1
         self._last_normal = None
         # The satisfaction streak survives: a customer who stays angry across
@@ -286,12 +293,28 @@ class TurnCore:
 
     # -- rating --------------------------------------------------------------
 
+    def stale_quick_reply(self) -> bool:
+        offered = self.conv.results.get("_quick")
+        if not isinstance(offered, dict):
+            return False
+        return self.inbound.text in offered.get("payloads", ()) \
+            and offered.get("state") != self.conv.state
+
     def rating(self, value: int | None) -> None:
         flow = self.flow
         threshold = flow.handoff.satisfaction_below if flow else 3
         if value is None or not 1 <= value <= 5:
             self.say(self.text("stuck"))
             return
+        if self.conv.counters.get("rated"):
+            # One rating per prompt (a second tab, a stale star row): the first counts.
+            # The message stays in the log, marked so nothing counts it as a rating.
+            first = self.out.records[0]
+            self.out.records[0] = dataclasses.replace(first, kind="rating_ignored")
+            self.event("rating_ignored", value=value)
+            return
+        self.conv.counters["rated"] = 1
+        self.conv.counters.pop("rating_open", None)
         self.conv.counters["last_rating"] = value
         self.event("rating", value=value)
         if value < threshold:
@@ -643,6 +666,8 @@ class TurnCore:
             if state.kind == "end":
                 if state.rating:
                     self.say(self.text("rating_prompt"), "rating", _rating_buttons())
+                    self.conv.counters["rating_open"] = 1
+                    self.conv.counters.pop("rated", None)
                 return
             missing = [e for e in state.collect if e not in self.conv.entities]
             if missing:
@@ -704,6 +729,11 @@ class TurnCore:
         for q in state.quick_replies:
             label = pick(q, self.conv.language)
             out.append(QuickReply(label, label))
+        if out:
+            # Remembered so a tap that arrives after the conversation moved on
+            # can be recognised as stale.
+            self.conv.results["_quick"] = {"state": state.name,
+                                           "payloads": [q.payload for q in out]}
         return tuple(out)
 
     # -- handoff -------------------------------------------------------------

@@ -377,8 +377,9 @@ class ConsoleHub:
         if conv is None:
             return None
         records: list[MessageRecord] = []
-        if watched or (event.kind == "turn" and queued):
-            records = [r for r in await store.messages(cid, after_seq=event.seq_before)
+        if (watched or (event.kind == "turn" and queued)) and event.seq > event.seq_before:
+            records = [r for r in await store.messages(cid, after_seq=event.seq_before,
+                                                       limit=event.seq - event.seq_before)
                        if r.seq <= event.seq]
         if event.kind == "desk":
             action: DeskAction = event.action  # type: ignore[assignment]

@@ -178,11 +178,6 @@ class TestConformance:
             self, request: pytest.FixtureRequest, conformance_server: ConformanceServer,
             channel_driver: ChannelDriver) -> None:
         server, customer = conformance_server, channel_driver
-        if customer.channel == "web":
-            request.applymarker(pytest.mark.xfail(
-                reason="web rating frames do not name their prompt: a second rating (another "
-                       "tab, a client that keeps the stars) is recorded and thanked again; "
-                       "Telegram and Slack record one rating per prompt", strict=True))
         await refund_to_rating(server, customer)
         await customer.press(5)
         assert texts(await customer.replies()) == [normalized(THANKS)]

@@ -360,3 +360,29 @@ def test_a_result_missing_a_key_never_sends_a_half_rendered_sentence(flows: Flow
                                                  "status": "in_transit", "stuck": False}})
     assert "template_error" in outcome.events
     assert "went wrong" in texts(outcome)[-2]
+
+
+def test_one_rating_per_prompt(flows: FlowSet) -> None:
+    conv = confirm_state(flows, ORDER)
+    refund = {"refund_id": "RF1", "amount": "129.00", "currency": "CNY", "eta_days": 3}
+    drive(flows, conv, "yes", decide=Decision(transition="confirm"),
+          actions={"issue_refund": refund})
+    first, _ = drive(flows, conv, "5", kind="rating", rating=5)
+    assert "Thank you" in texts(first)[-1]
+    second, _ = drive(flows, conv, "1", kind="rating", rating=1)
+    assert second.outbound == [] and second.handoff is None
+    assert "rating_ignored" in second.events
+    assert conv.counters["last_rating"] == 5
+
+
+def test_a_spent_quick_reply_is_ignored(flows: FlowSet) -> None:
+    conv = confirm_state(flows, ORDER)
+    refund = {"refund_id": "RF1", "amount": "129.00", "currency": "CNY", "eta_days": 3}
+    drive(flows, conv, "Yes, refund", kind="quick_reply", decide=Decision(transition="confirm"),
+          actions={"issue_refund": refund})
+    assert conv.state == "refunded"
+    outcome, needs = drive(flows, conv, "Yes, refund", kind="quick_reply",
+                           decide=Decision(transition="confirm"))
+    assert "stale_quick_reply" in outcome.events
+    assert outcome.outbound == [] and needs == []
+    assert conv.state == "refunded"
