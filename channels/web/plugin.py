@@ -205,6 +205,7 @@ class WebChannel:
         self._session_limits: dict[str, RateLimiter] = {}
         #: Customer frames being turned, by stored message id: who gets the ack.
         self._awaiting: dict[str, Connection] = {}
+        self._bus_origin: str | None = None
         context.extras[CHANNEL] = self
 
     # -- plugin protocol -------------------------------------------------------
@@ -221,6 +222,12 @@ class WebChannel:
     async def start(self) -> None:
         self.engine.register_sender(CHANNEL, self.send_outbound)
         self.engine.subscribe(self.on_committed)
+        bus = self.context.extras.get("bus")
+        if bus is not None:
+            # Commits made by other server processes (an agent's reply from a
+            # console connected elsewhere) reach sockets held by this one.
+            self._bus_origin = bus.origin
+            bus.subscribe(self.on_remote)
 
     async def stop(self) -> None:
         """Let in-flight turns finish, then close every socket with 1012."""
@@ -262,6 +269,28 @@ class WebChannel:
                 origin.send(Ack(id=shown.id, seq=record.seq))
             if shown is not None:
                 self.broadcast(key, shown, skip=origin)
+
+    async def on_remote(self, event: Any) -> None:
+        """Bus subscriber: push what another process stored to our sockets.
+
+        Each socket de-duplicates by ``seq``, so a message that also arrives
+        through this process's own sender is shown once.
+        """
+        if getattr(event, "origin", None) == self._bus_origin or not self.sockets:
+            return
+        conversation_id = getattr(event, "conversation_id", "")
+        seq_before, seq = getattr(event, "seq_before", 0), getattr(event, "seq", 0)
+        if not conversation_id or seq <= seq_before:
+            return
+        conv = await self.store.load_by_id(conversation_id)
+        if conv is None or conv.key.channel != CHANNEL or str(conv.key) not in self.sockets:
+            return
+        records = await self.store.messages(conversation_id, after_seq=seq_before,
+                                            limit=seq - seq_before)
+        for record in records:
+            frame = frame_from_record(record, conv.key.thread)
+            if frame is not None and record.seq <= seq:
+                self.broadcast(conv.key, frame)
 
     def broadcast(self, key: ConversationKey, frame: ServerFrame,
                   *, skip: Connection | None = None) -> None:

@@ -500,3 +500,29 @@ async def test_the_console_of_server_b_shows_what_server_a_handled(
         await agent.aclose()
         await server_b.stop()
         await server_a.stop()
+
+
+async def test_an_agent_reply_made_on_server_b_reaches_a_web_socket_held_by_server_a(
+        tmp_path: Path, redis_url: str) -> None:
+    from tests.channels.web.chatclient import ChatClient, new_session
+
+    settings = live_settings(tmp_path, agents=AGENTS, redis_url=redis_url)
+    server_a = await start_live_server(settings)
+    server_b = await start_live_server(settings)
+    try:
+        session = await new_session(server_a.url)
+        client, _ = await ChatClient.start(server_a.ws_url, session["token"],
+                                           origin=server_a.url)
+        async with client:
+            await client.say("I want to talk to a real person")
+            conv = await server_a.context.app.store.load(
+                ConversationKey("web", session.get("site", "default"), session["session"]))
+            assert conv is not None and conv.owner == "pending_human"
+            await server_b.context.desk.claim(conv.id, "alice")
+            await server_b.context.desk.reply(conv.id, "alice", "Hello from Alice on B")
+            frames = await client.recv_until(
+                lambda f: f.get("type") == "message" and f.get("author") == "agent", timeout=5)
+            assert frames[-1]["text"] == "Hello from Alice on B"
+    finally:
+        await server_b.stop()
+        await server_a.stop()
