@@ -123,6 +123,8 @@ class Settings(BaseSettings):
     #: Channel id of the agents' workspace: handoffs from every channel are posted there
     #: as threads agents claim and answer in. None = off.
     slack_agents_channel: str | None = None
+    #: Demo deployments: Slack customers may see every demo order (``demo:slack:...``).
+    slack_demo_customers: bool = False
 
     def resolved_model(self) -> str:
         if self.model == "auto":

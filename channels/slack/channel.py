@@ -200,7 +200,8 @@ class SlackChannel:
             self.turns.submit(f"agents:{message.root}",
                               partial(workspace.on_agent_message, message))
             return
-        inbound = inbound_from_message(message, datetime.now(UTC))
+        inbound = inbound_from_message(message, datetime.now(UTC),
+                                       demo=self.context.settings.slack_demo_customers)
         self.turns.submit(str(inbound.key), partial(self._turn, inbound))
 
     async def _on_action(self, ack: AsyncAck, body: dict[str, Any]) -> None:
@@ -213,7 +214,8 @@ class SlackChannel:
             if workspace is not None and press.channel == workspace.channel_id:
                 self.turns.submit(f"desk:{press.message_ts}", partial(workspace.on_press, press))
             return
-        inbound = inbound_from_press(press, datetime.now(UTC))
+        inbound = inbound_from_press(press, datetime.now(UTC),
+                                     demo=self.context.settings.slack_demo_customers)
         if inbound is None or inbound.channel_message_id is None:
             return
         if not self._first_delivery(inbound.channel_message_id):

@@ -94,9 +94,14 @@ def thread_of(key: ConversationKey) -> tuple[str, str]:
     return channel, thread_ts
 
 
-def customer_id(team: str, user: str) -> str:
-    """The engine's customer identity of a Slack user (from the event, never the text)."""
-    return f"{CHANNEL}:{team}:{user}"
+def customer_id(team: str, user: str, *, demo: bool = False) -> str:
+    """The engine's customer identity of a Slack user (from the event, never the text).
+
+    ``demo`` deployments prefix ``demo:``, which the demo shop treats as allowed
+    to see every demo order (like ``telegram_demo_customers``).
+    """
+    identity = f"{CHANNEL}:{team}:{user}"
+    return f"demo:{identity}" if demo else identity
 
 
 # --------------------------------------------------------------------------------------
@@ -157,11 +162,13 @@ def parse_message_event(body: Mapping[str, Any], *,
                         channel_type=str(event.get("channel_type") or ""))
 
 
-def inbound_from_message(message: MessageEvent, now: datetime) -> Inbound:
+def inbound_from_message(message: MessageEvent, now: datetime, *,
+                         demo: bool = False) -> Inbound:
     """The engine envelope; the Slack ``event_id`` is the redelivery key."""
     return Inbound(key=conversation_key(message.team, message.channel, message.root),
                    text=from_slack(message.text),
-                   customer=customer_id(message.team, message.user), received_at=now,
+                   customer=customer_id(message.team, message.user, demo=demo),
+                   received_at=now,
                    channel_message_id=message.event_id,
                    data={"ts": message.ts, "user": message.user})
 
@@ -221,7 +228,8 @@ def parse_button_press(body: Mapping[str, Any]) -> ButtonPress | None:
         text=str(message.get("text") or ""))
 
 
-def inbound_from_press(press: ButtonPress, now: datetime) -> Inbound | None:
+def inbound_from_press(press: ButtonPress, now: datetime, *,
+                       demo: bool = False) -> Inbound | None:
     """A quick reply or rating button as a customer turn (None for other buttons).
 
     One answer per prompt: the redelivery key is the prompt message, so a
@@ -231,7 +239,7 @@ def inbound_from_press(press: ButtonPress, now: datetime) -> Inbound | None:
         return None
     common: dict[str, Any] = {
         "key": conversation_key(press.team, press.channel, press.root),
-        "customer": customer_id(press.team, press.user), "received_at": now,
+        "customer": customer_id(press.team, press.user, demo=demo), "received_at": now,
         "channel_message_id": f"button:{press.channel}:{press.message_ts}",
     }
     payload = press.value

@@ -266,3 +266,10 @@ def test_conversion_stays_fast_on_hostile_text() -> None:
                     "<" * 40_000, "~~" + "a" * 40_000):
         split_text(to_mrkdwn(hostile))
     assert time.perf_counter() - started < 5.0
+
+
+def test_demo_deployments_prefix_the_customer_identity() -> None:
+    from channels.slack.convert import customer_id
+
+    assert customer_id("T1", "U2") == "slack:T1:U2"
+    assert customer_id("T1", "U2", demo=True) == "demo:slack:T1:U2"
