@@ -50,7 +50,6 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -78,9 +77,10 @@ TEXTS = (
     "ref qz{m} just checking, how long do refunds usually take?",
 )
 REPLY = "Sure, happy to help with that. Whenever you have your order number, send it over."
-DRAIN_MAX = 60.0  # after the window: wait at most this long for outstanding replies
+DRAIN_MAX = 45.0  # after the window: wait at most this long for outstanding replies
 STALL = 10.0  # ... and stop earlier when nothing arrives for this long: the rest is lost
 LATE = 10.0  # replies slower than this are counted as late (not lost)
+SHUTDOWN_MARK = "=== ws_load: SIGTERM, graceful shutdown ==="
 
 
 def letters(n: int) -> str:
@@ -102,7 +102,7 @@ def pct(values: list[float], q: float) -> float | None:
     if not values:
         return None
     s = sorted(values)
-    k = max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))
+    k = max(0, min(len(s) - 1, round(q / 100 * len(s) + 0.5) - 1))
     return s[k]
 
 
@@ -110,7 +110,10 @@ def dist(values: list[float], scale: float = 1000.0) -> dict[str, Any]:
     """p50/p90/p99/p99.9/max/mean in ms (``values`` in seconds)."""
     if not values:
         return {"n": 0}
-    r = lambda v: round(v * scale, 2)  # noqa: E731
+
+    def r(v: float | None) -> float | None:
+        return None if v is None else round(v * scale, 2)
+
     return {"n": len(values), "p50": r(pct(values, 50)), "p90": r(pct(values, 90)),
             "p99": r(pct(values, 99)), "p999": r(pct(values, 99.9)), "max": r(max(values)),
             "mean": r(sum(values) / len(values))}
@@ -121,6 +124,26 @@ def proc_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread name of a process (the main thread is ``main``)."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return {}
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head, rest = f.read().rsplit(")", 1)
+        except OSError:
+            continue
+        name = "main" if tid == str(pid) else head.split("(", 1)[1]
+        fields = rest.split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -273,98 +296,146 @@ def instrument_server(stamps: dict[str, list[Any]]) -> None:
                         break
             calls.append((marker, role, t0, time.monotonic()))
 
+    # The SQLite store's worker thread: per job, the time from submit to the waiting
+    # task being resumable (queue + run + hand-back) and the time running on the thread.
+    from engine.store import sql
+
+    jobs: list[Any] = stamps.setdefault("store_job", [])
+    orig_submit = sql._Worker.submit
+
+    def submit(self: Any, fn: Any) -> Any:
+        t0 = time.monotonic()
+        ran: list[float] = []
+
+        def timed() -> Any:
+            t1 = time.monotonic()
+            try:
+                return fn()
+            finally:
+                ran.append(t1)
+                ran.append(time.monotonic())
+
+        future = orig_submit(self, timed)
+        future.add_done_callback(
+            lambda _f: jobs.append((t0, ran[0] if ran else t0, ran[1] if ran else t0,
+                                    time.monotonic())))
+        return future
+
+    sql._Worker.submit = submit  # type: ignore[method-assign]
     WebChannel._turn = _turn  # type: ignore[method-assign]
     Engine.handle = handle  # type: ignore[method-assign]
     ClaudeModel._create = _create  # type: ignore[method-assign]
+
+
+def _exp_fast_tokens() -> None:
+    """engine/memory.py estimate_tokens: the same result without a per-character loop."""
+    import math
+
+    import engine.memory as memory
+
+    cjk_re = re.compile("[\u3000-\u9fff\uf900-\ufaff\uff00-\uffef]")
+
+    def estimate_tokens(text: str) -> int:
+        if text.isascii():
+            return math.ceil(len(text) / 3.5)
+        cjk = len(cjk_re.findall(text))
+        return math.ceil(cjk * 1.3 + (len(text) - cjk) / 3.5)
+
+    memory.estimate_tokens = estimate_tokens
+
+
+def _exp_no_template_reload() -> None:
+    """engine/flow/templates.py make_environment: ``auto_reload=False`` (no stat per render)."""
+    import engine.flow.loader as loader
+    import engine.flow.templates as templates
+
+    orig_env = templates.make_environment
+
+    def make_environment(prompts_dir: Any) -> Any:
+        env = orig_env(prompts_dir)
+        env.auto_reload = False
+        return env
+
+    templates.make_environment = make_environment
+    loader.make_environment = make_environment  # type: ignore[attr-defined]
+
+
+def _exp_sdk_shards(k: int) -> None:
+    """engine/models/claude.py: k AsyncAnthropic clients (k connection pools), round robin.
+
+    httpcore scans every pooled connection (and probes each idle one) whenever a
+    request starts or ends; k pools make each scan k times shorter.
+    """
+    from itertools import cycle
+
+    from anthropic import AsyncAnthropic
+
+    from engine.models.claude import ClaudeModel
+
+    orig_init = ClaudeModel.__init__
+    orig_create = ClaudeModel._create
+
+    def __init__(self: Any, **kw: Any) -> None:
+        orig_init(self, **kw)
+        c = self.client
+        self._shards = cycle([c] + [AsyncAnthropic(
+            api_key=c.api_key, base_url=c.base_url, timeout=c.timeout,
+            max_retries=c.max_retries) for _ in range(k - 1)])
+
+    async def _create(self: Any, role: str, **kwargs: Any) -> Any:
+        self.client = next(self._shards)
+        return await orig_create(self, role, **kwargs)
+
+    ClaudeModel.__init__ = __init__  # type: ignore[method-assign]
+    ClaudeModel._create = _create  # type: ignore[method-assign]
+
+
+def _exp_sdk_aiohttp() -> None:
+    """engine/models/claude.py: ``AsyncAnthropic(http_client=DefaultAioHttpClient(...))``,
+    the SDK's aiohttp transport (needs aiohttp: ``anthropic[aiohttp]``)."""
+    import anthropic
+
+    from engine.models.claude import ClaudeModel
+
+    orig_init = ClaudeModel.__init__
+
+    def __init__(self: Any, **kw: Any) -> None:
+        if kw.get("client") is None:
+            timeout = kw.get("timeout", 30.0)
+            kw["client"] = anthropic.AsyncAnthropic(
+                api_key=kw.get("api_key") or os.environ.get("ANTHROPIC_API_KEY"),
+                base_url=kw.get("base_url"), timeout=timeout,
+                max_retries=kw.get("max_retries", 2),
+                http_client=anthropic.DefaultAioHttpClient(timeout=timeout))
+        orig_init(self, **kw)
+
+    ClaudeModel.__init__ = __init__  # type: ignore[method-assign]
 
 
 def apply_experiments(names: list[str]) -> dict[str, Any]:
     """Candidate fixes, patched into the server process only (``--experiment``).
 
     They measure what a change to engine/ would buy; the engine's files are untouched.
-    Returns uvicorn.Config overrides.
+    Returns uvicorn.Config overrides (``no_deflate``: permessage-deflate off).
     """
     overrides: dict[str, Any] = {}
     for name in names:
         if name == "fast_tokens":
-            # engine/memory.py estimate_tokens: same result, no per-character Python loop.
-            import math
-
-            import engine.memory as memory
-
-            cjk_re = re.compile("[\u3000-\u9fff\uf900-\ufaff\uff00-\uffef]")
-
-            def estimate_tokens(text: str) -> int:
-                if text.isascii():
-                    return math.ceil(len(text) / 3.5)
-                cjk = len(cjk_re.findall(text))
-                return math.ceil(cjk * 1.3 + (len(text) - cjk) / 3.5)
-
-            memory.estimate_tokens = estimate_tokens
+            _exp_fast_tokens()
         elif name == "no_template_reload":
-            # engine/flow/templates.py make_environment: auto_reload=False (no stat per render).
-            import engine.flow.templates as templates
-
-            orig_env = templates.make_environment
-
-            def make_environment(prompts_dir: Any) -> Any:
-                env = orig_env(prompts_dir)
-                env.auto_reload = False
-                return env
-
-            templates.make_environment = make_environment
-            import engine.flow.loader as loader
-
-            if hasattr(loader, "make_environment"):
-                loader.make_environment = make_environment
+            _exp_no_template_reload()
         elif name.startswith("sdk_shards"):
-            # engine/models/claude.py: k AsyncAnthropic clients (k httpx pools), round robin:
-            # httpcore scans every pooled connection on each request start and end.
-            from itertools import cycle
-
-            from anthropic import AsyncAnthropic
-
-            from engine.models.claude import ClaudeModel
-
-            k = int(name.removeprefix("sdk_shards") or 8)
-            orig_init = ClaudeModel.__init__
-            orig_create = ClaudeModel._create
-
-            def __init__(self: Any, **kw: Any) -> None:
-                orig_init(self, **kw)
-                c = self.client
-                self._shards = cycle([c] + [AsyncAnthropic(
-                    api_key=c.api_key, base_url=c.base_url, timeout=c.timeout,
-                    max_retries=c.max_retries) for _ in range(k - 1)])
-
-            async def _create(self: Any, role: str, **kwargs: Any) -> Any:
-                self.client = next(self._shards)
-                return await orig_create(self, role, **kwargs)
-
-            ClaudeModel.__init__ = __init__  # type: ignore[method-assign]
-            ClaudeModel._create = _create  # type: ignore[method-assign]
+            _exp_sdk_shards(int(name.removeprefix("sdk_shards") or 8))
         elif name == "sdk_aiohttp":
-            # engine/models/claude.py: AsyncAnthropic(http_client=DefaultAioHttpClient())
-            # (the SDK's aiohttp transport; needs aiohttp, i.e. anthropic[aiohttp]).
-            import anthropic
-
-            from engine.models.claude import ClaudeModel
-
-            orig_init = ClaudeModel.__init__
-
-            def __init__(self: Any, **kw: Any) -> None:
-                if kw.get("client") is None:
-                    kw["client"] = anthropic.AsyncAnthropic(
-                        api_key=kw.get("api_key") or os.environ.get("ANTHROPIC_API_KEY"),
-                        base_url=kw.get("base_url"), timeout=kw.get("timeout", 30.0),
-                        max_retries=kw.get("max_retries", 2),
-                        http_client=anthropic.DefaultAioHttpClient(
-                            timeout=kw.get("timeout", 30.0)))
-                orig_init(self, **kw)
-
-            ClaudeModel.__init__ = __init__  # type: ignore[method-assign]
+            _exp_sdk_aiohttp()
         elif name == "no_deflate":
             overrides["ws_per_message_deflate"] = False
+        elif name.startswith("switch_interval_ms"):
+            # The store's worker thread waits up to the switch interval (5 ms) for the GIL
+            # each time it wants it back from a busy event loop.
+            sys.setswitchinterval(float(name.removeprefix("switch_interval_ms") or 1) / 1000)
+        elif name == "memory_store":
+            overrides["_database_url"] = "memory://"
         else:
             raise SystemExit(f"unknown experiment {name!r}")
     return overrides
@@ -390,8 +461,9 @@ def run_server(cfg: dict[str, Any]) -> None:
         fake_thread = FakeClaudeThread(fake)
         fake_thread.start()
         base_url = fake.url
+    database_url = overrides.pop("_database_url", f"sqlite:///{cfg['db']}")
     settings = Settings(
-        database_url=f"sqlite:///{cfg['db']}", shop_database_path=None, secret_key=SECRET,
+        database_url=database_url, shop_database_path=None, secret_key=SECRET,
         model="claude", anthropic_base_url=base_url, host="127.0.0.1", port=cfg["port"],
         flows_dir=Path(cfg["flows_dir"]), channels=["web"], **cfg.get("settings", {}))
     info: dict[str, Any] = {}
@@ -425,12 +497,22 @@ def run_server(cfg: dict[str, Any]) -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        def shutdown() -> None:
+            # A marker in the log: errors after it happened during the graceful shutdown.
+            print(SHUTDOWN_MARK, file=sys.stderr, flush=True)
+            server.should_exit = True
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+            loop.add_signal_handler(sig, shutdown)
         if profile is not None:
-            # The bench profiles the steady window only: SIGUSR1 starts, SIGUSR2 stops.
+            # The bench profiles the steady window only: SIGUSR1 starts, SIGUSR2 stops
+            # and writes the stats at once (shutdown under load may be slow).
+            def stop_profile() -> None:
+                profile.disable()
+                profile.dump_stats(cfg["cprofile"])
+
             loop.add_signal_handler(signal.SIGUSR1, profile.enable)
-            loop.add_signal_handler(signal.SIGUSR2, profile.disable)
+            loop.add_signal_handler(signal.SIGUSR2, stop_profile)
         task = asyncio.create_task(server.serve())
         while not server.started:
             if task.done():
@@ -455,7 +537,7 @@ def run_server(cfg: dict[str, Any]) -> None:
         out: dict[str, Any] = {"stamps": stamps, "stats": stats}
         if fake_thread is not None:
             fake_thread.stop()
-            out["fake_timings"] = fake_thread.fake.timings
+            out["fake_timings"] = getattr(fake_thread.fake, "timings", [])
         Path(cfg["out"]).write_text(json.dumps(out, default=str))
 
 
@@ -753,7 +835,7 @@ async def spawn(role: str, cfg: dict[str, Any], tmp: Path, log_name: str,
     return proc, ready, log
 
 
-async def stop_proc(proc: asyncio.subprocess.Process, timeout: float = 40) -> int | None:
+async def stop_proc(proc: asyncio.subprocess.Process, timeout: float = 60) -> int | None:
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
@@ -787,6 +869,26 @@ async def fetch_metrics(port: int) -> dict[str, float]:
     return out
 
 
+def log_errors(log: str) -> dict[str, Any]:
+    """Tracebacks in the server's log, before and after SIGTERM, with their last lines."""
+    before, _, after = log.partition(SHUTDOWN_MARK)
+
+    def count(part: str) -> dict[str, Any]:
+        lines = part.splitlines()
+        kinds: Counter[str] = Counter()
+        for i, line in enumerate(lines):
+            if line.startswith("Traceback"):
+                j = i + 1
+                while j < len(lines) and (lines[j].startswith(" ") or not lines[j].strip()):
+                    j += 1
+                if j < len(lines):
+                    kinds[lines[j][:160]] += 1
+        return {"tracebacks": sum(1 for line in lines if line.startswith("Traceback")),
+                "first_error_lines": dict(kinds.most_common(6))}
+
+    return {"during_load": count(before), "during_shutdown": count(after)}
+
+
 async def run_level(n: int, args: argparse.Namespace, tmp: Path, fake_url: str | None,
                     counter: list[int], cprofile: str | None = None,
                     fake_pid: int | None = None, experiments: list[str] | None = None,
@@ -817,10 +919,12 @@ async def run_level(n: int, args: argparse.Namespace, tmp: Path, fake_url: str |
     if cprofile:
         proc.send_signal(signal.SIGUSR1)
     cpu0, self0 = proc_cpu(proc.pid), time.process_time()
+    threads0 = thread_cpu(proc.pid)
     fake0 = proc_cpu(fake_pid) if fake_pid else 0.0
     busy0, total0 = machine_cpu()
     await asyncio.sleep(max(0.0, marks["window_end"] - time.monotonic()))
     cpu1, self1 = proc_cpu(proc.pid), time.process_time()
+    threads1 = thread_cpu(proc.pid)
     fake1 = proc_cpu(fake_pid) if fake_pid else 0.0
     busy1, total1 = machine_cpu()
     if cprofile:
@@ -839,13 +943,14 @@ async def run_level(n: int, args: argparse.Namespace, tmp: Path, fake_url: str |
         "n": n, "port": port, "marks": marks, "clients": level.clients,
         "connect_errors": dict(level.connect_errors), "server_cpu_s": cpu1 - cpu0,
         "client_cpu_s": self1 - self0, "server_rss_mb": rss,
+        "server_threads_cpu_s": {k: v - threads0.get(k, 0.0) for k, v in threads1.items()
+                                 if v - threads0.get(k, 0.0) > 0},
         "fake_cpu_s": fake1 - fake0 if fake_pid else None,
-        "machine_busy_cores": (busy1 - busy0) / max(1e-9, total1 - total0) * (os.cpu_count() or 1), "loop": loop_kind,
+        "machine_busy_cores": (busy1 - busy0) / max(1e-9, total1 - total0)
+        * (os.cpu_count() or 1), "loop": loop_kind,
         "load_before": load_before, "load_during": load_during, "metrics": metrics,
         "server_rc": rc, "server_out": server_out, "experiments": experiments,
-        "server_log_errors": sum(1 for line in server_log.splitlines()
-                                 if "Traceback" in line or " ERROR" in line
-                                 or line.startswith("ERROR")),
+        "server_log_errors": log_errors(server_log),
         "server_log_tail": server_log[-2000:],
         "client_loop_lag": level.loop_lag,
     }
@@ -871,8 +976,8 @@ def summarise(raw: dict[str, Any], fake_timings: list[Any]) -> dict[str, Any]:
     errors: Counter[str] = Counter()
     close_codes: Counter[str] = Counter()
     for client in raw["clients"]:
-        r, counts = analyse_client(client)
-        rows.extend(r)
+        client_rows, counts = analyse_client(client)
+        rows.extend(client_rows)
         totals.update(counts)
         errors.update(client.errors)
         totals["notices"] += client.notices
@@ -920,6 +1025,15 @@ def summarise(raw: dict[str, Any], fake_timings: list[Any]) -> dict[str, Any]:
             split["model_client"].append(client_model)
             split["handle_end_to_client"].append(r["t_reply"] - h1)
 
+    store_jobs = [j for j in stamps.get("store_job", []) if w0 <= j[0] < w1]
+    store = {
+        "jobs_per_s": round(len(store_jobs) / window, 1),
+        "jobs_per_message": round(len(store_jobs) / max(1, replied_in_window), 2),
+        "wait_for_thread_ms": dist([b - a for a, b, _, _ in store_jobs]),
+        "run_on_thread_ms": dist([c - b for _, b, c, _ in store_jobs]),
+        "hand_back_ms": dist([d - c for _, _, c, d in store_jobs]),
+        "total_ms": dist([d - a for a, _, _, d in store_jobs]),
+    }
     server_cpu = raw["server_cpu_s"]
     replied_msgs = max(1, replied_in_window)
     lag = raw["client_loop_lag"]
@@ -953,7 +1067,10 @@ def summarise(raw: dict[str, Any], fake_timings: list[Any]) -> dict[str, Any]:
         "overhead_vs_configured_200ms_ms": dist(over_conf),
         "model_calls_per_message": {str(k): v for k, v in sorted(calls_per_msg.items())},
         "latency_split_ms": {k: dist(v) for k, v in split.items()},
+        "sqlite_store_jobs": store,
         "server_cpu": {"cores": round(server_cpu / window, 3),
+                       "cores_by_thread": {k: round(v / window, 3) for k, v in
+                                           raw.get("server_threads_cpu_s", {}).items()},
                        "ms_per_message": round(server_cpu / replied_msgs * 1000, 2),
                        "rss_mb": raw["server_rss_mb"]},
         "client_process_cpu_cores": round(raw["client_cpu_s"] / window, 3),
@@ -1089,7 +1206,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             compare = await run_level(args.compare_level, args, tmp, fake_url, counter,
                                       fake_pid=fake_proc.pid if fake_proc else None,
                                       experiments=args.compare_experiment, tag="-compare")
-        profile = None
+        profile: dict[str, Any] | None = None
         if args.profile_level:
             print(f"profile run N={args.profile_level} (cProfile in the server) ...", flush=True)
             ppath = str(tmp / "server.prof")
@@ -1104,6 +1221,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         fake_cpu = proc_cpu(fake_proc.pid) - fake_cpu0 if fake_proc else None
         if fake_proc is not None:
             await stop_proc(fake_proc)
+        if fake_log is not None:
             fake_log.close()
     timings: list[Any] = []
     if fake_proc is not None:
@@ -1143,8 +1261,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         result["with_candidate_fixes"] = summarise(compare, t)
     if args.profile_level and profile is not None:
         t = timings or profile["raw"]["server_out"].get("fake_timings", [])
-        result["profile"] = {"level": summarise(profile["raw"], t),
-                             **profile_summary(profile["path"])}
+        try:
+            summary = profile_summary(profile["path"])
+        except OSError as exc:
+            summary = {"error": f"no profile written: {exc}", "by_package_percent": {}}
+        result["profile"] = {"level": summarise(profile["raw"], t), **summary}
         if args.keep_profile:
             shutil.copy(profile["path"], args.keep_profile)
     if not args.keep_tmp:
@@ -1190,7 +1311,8 @@ def render_md(result: dict[str, Any]) -> str:
         lines.append(
             f"| {label} | {fmt(lv['offered_msgs_per_s'])} "
             f"| {fmt(lv['sustained_msgs_per_s'])} "
-            f"| {fmt(lv['reply_latency_ms'].get('p50'))} | {fmt(lv['reply_latency_ms'].get('p99'))} "
+            f"| {fmt(lv['reply_latency_ms'].get('p50'))} "
+            f"| {fmt(lv['reply_latency_ms'].get('p99'))} "
             f"| {fmt(lv['overhead_vs_fake_service_ms'].get('p50'))} "
             f"| {fmt(lv['overhead_vs_fake_service_ms'].get('p99'))} "
             f"| {fmt(lv['overhead_vs_configured_200ms_ms'].get('p99'))} "
@@ -1222,7 +1344,12 @@ def render_md(result: dict[str, Any]) -> str:
         *split_rows,
     ]
     cpu_rows = [f"| {lv['clients']:,}{' (fixes)' if lv.get('experiments') else ''} "
-                f"| {lv['server_cpu']['cores']:.2f} | {fmt(lv.get('fake_process_cpu_cores'))} "
+                f"| {lv['server_cpu']['cores']:.2f} "
+                f"| {fmt(lv['server_cpu'].get('cores_by_thread', {}).get('main'))} "
+                f"| {fmt(lv['server_cpu'].get('cores_by_thread', {}).get('helpline-sqlite'))} "
+                f"| {fmt(lv['sqlite_store_jobs']['total_ms'].get('p50'))} / "
+                f"{fmt(lv['sqlite_store_jobs']['total_ms'].get('p99'))} "
+                f"| {fmt(lv.get('fake_process_cpu_cores'))} "
                 f"| {lv['client_process_cpu_cores']:.2f} | {fmt(lv.get('other_processes_cores'))} "
                 f"| {fmt(lv.get('machine_busy_cores'))} | {lv['client_loop_lag_ms']['p99']} |"
                 for lv in rows]
@@ -1230,13 +1357,29 @@ def render_md(result: dict[str, Any]) -> str:
         "",
         "CPU during the steady window (cores; the machine has 2, shared with other jobs):",
         "",
-        "| clients | server | fake Claude | clients (this process) | other processes "
+        "| clients | server | its event loop thread | its SQLite thread "
+        "| store call p50 / p99 ms | fake Claude | clients (this process) | other processes "
         "| machine busy | client loop lag p99 ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
         *cpu_rows,
     ]
+    err_rows = []
+    for lv in rows:
+        e = lv.get("server_log_errors") or {}
+        if not isinstance(e, dict):
+            continue
+        load, stop = e.get("during_load", {}), e.get("during_shutdown", {})
+        if load.get("tracebacks") or stop.get("tracebacks"):
+            kinds = "; ".join(f"{k} (x{v})" for k, v in {
+                **load.get("first_error_lines", {}),
+                **stop.get("first_error_lines", {})}.items())
+            err_rows.append(f"- {lv['clients']:,}{' (fixes)' if lv.get('experiments') else ''}"
+                            f": {load.get('tracebacks', 0)} tracebacks during the load, "
+                            f"{stop.get('tracebacks', 0)} after SIGTERM: {kinds}")
+    if err_rows:
+        lines += ["", "Server log:", "", *err_rows]
     prof = result.get("profile")
-    if prof:
+    if prof and prof.get("by_package_percent"):
         shares = ", ".join(f"{k} {v}%" for k, v in list(prof["by_package_percent"].items())[:9])
         lines += ["", f"cProfile of the server's main thread during the steady window at "
                       f"{prof['level']['clients']:,} clients (share of profiled time; the "
@@ -1255,7 +1398,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--levels", type=lambda s: [int(x) for x in s.split(",") if x],
                    default=[100, 500, 1000], help="client counts (default 100,500,1000)")
-    p.add_argument("--window", type=float, default=45.0, help="steady window per level, s")
+    p.add_argument("--window", type=float, default=40.0, help="steady window per level, s")
     p.add_argument("--warmup", type=float, default=6.0, help="after the connect ramp, s")
     p.add_argument("--interval", type=lambda s: tuple(float(x) for x in s.split(",")),
                    default=(3.0, 5.0), help="seconds between a client's messages (lo,hi)")
@@ -1266,7 +1409,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep the model layer's default concurrency limits (16/8)")
     p.add_argument("--profile-level", type=int, default=0,
                    help="after the levels, run this N again with cProfile in the server")
-    p.add_argument("--profile-window", type=float, default=20.0)
+    p.add_argument("--profile-window", type=float, default=15.0)
     p.add_argument("--compare-level", type=int, default=0,
                    help="after the levels, run this N again with --compare-experiment")
     p.add_argument("--compare-experiment", type=lambda s: [x for x in s.split(",") if x],
@@ -1276,7 +1419,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--experiment", type=lambda s: [x for x in s.split(",") if x], default=[],
                    help="candidate engine fixes patched into the server (measurement only): "
-                        "fast_tokens, no_template_reload, sdk_shards<k>, sdk_aiohttp, no_deflate")
+                        "fast_tokens, no_template_reload, sdk_shards<k>, sdk_aiohttp, no_deflate, "
+                        "switch_interval_ms<n>, memory_store")
     p.add_argument("--notes", help="a JSON file with a list of notes for the results")
     p.add_argument("--report-only", action="store_true",
                    help="re-render ws_load.md from ws_load.json (with --notes: set the notes)")

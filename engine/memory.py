@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +26,9 @@ __all__ = [
 ]
 
 
+_CJK = re.compile("[\u3000-\u9fff\uf900-\ufaff\uff00-\uffef]")
+
+
 def estimate_tokens(text: str) -> int:
     """A conservative local token estimate for mixed Chinese and English text.
 
@@ -32,10 +36,8 @@ def estimate_tokens(text: str) -> int:
     and 1-1.5 per CJK character; over-estimating keeps requests under the
     budget without a network round trip.
     """
-    cjk = 0
-    for ch in text:
-        if "\u3000" <= ch <= "\u9fff" or "\uf900" <= ch <= "\ufaff" or "\uff00" <= ch <= "\uffef":
-            cjk += 1
+    # A regex counts in C: a character loop in Python cost ~1 ms per request.
+    cjk = len(_CJK.findall(text))
     other = len(text) - cjk
     return math.ceil(cjk * 1.3 + other / 3.5)
 

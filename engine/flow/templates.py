@@ -37,6 +37,9 @@ def money(value: Any, currency: str | None = None) -> str:
 def make_environment(prompts_dir: Path | None) -> ImmutableSandboxedEnvironment:
     env = ImmutableSandboxedEnvironment(
         loader=FileSystemLoader(str(prompts_dir)) if prompts_dir else None,
+        # Prompts are validated at load time and fixed for the process's life;
+        # checking file mtimes on every render was measurable per turn.
+        auto_reload=False,
         undefined=StrictUndefined,
         autoescape=False,
         keep_trailing_newline=False,

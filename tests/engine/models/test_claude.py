@@ -603,3 +603,27 @@ async def test_token_usage_accumulates(fake: FakeClaude, demo_flows: FlowSet) ->
         ("decision", "claude-sonnet-5", True), ("decision", "claude-sonnet-5", True),
         ("route", "claude-haiku-4-5", True)]
     assert recorder.calls[1]["usage"]["cache_read"] == _usage(reqs[1], "cache_read_input_tokens")
+
+
+async def test_a_model_built_from_settings_talks_to_the_base_url_with_its_timeout(
+    fake: FakeClaude, demo_flows: FlowSet
+) -> None:
+    """The production constructor (aiohttp transport when available): base URL,
+    retries and the timeout all apply."""
+    import anthropic
+
+    fake.latency = 1.0
+    model = ClaudeModel(api_key="test-key", base_url=fake.url, timeout=0.3, max_retries=0)
+    try:
+        request = DecisionRequest(demo_flows["refund"], "ask_order", "HL26110842", "en", {}, {})
+        with pytest.raises(ModelUnavailableError):
+            await model.decide(request)
+        fake.latency = 0.0
+        fake.enqueue_tool_use("record_decision", {"reply": "ok", "entities": {},
+                                                  "transition": None, "satisfaction": 4,
+                                                  "wants_human": False})
+        decision = await model.decide(request)
+        assert decision.reply == "ok"
+        assert isinstance(model.client, anthropic.AsyncAnthropic)
+    finally:
+        await model.close()
