@@ -29,9 +29,16 @@ Processes (2 cores; the clients' and the fake's CPU must not count as the server
 
 Run::
 
-    python bench/ws_load.py                       # N = 100, 500, 1000; ~5 min
-    python bench/ws_load.py --levels 100 --window 10 --no-write   # smoke run
-    python bench/ws_load.py --profile-level 1000  # + a cProfile'd run of the server
+    python bench/ws_load.py                       # N = 100, 500, 1000: ~4 min on 2 cores
+    python bench/ws_load.py --levels 100 --window 10 --no-write   # smoke run (~30 s)
+    python bench/ws_load.py --profile-level 1000  # + the server under cProfile (+1 min)
+    python bench/ws_load.py --compare-level 1000 --compare-experiment "a,b;c"
+        # + N=1000 again with candidate fixes patched into the server (see apply_experiments)
+    python bench/ws_load.py --report-only --notes notes.json   # re-render ws_load.md
+
+The reference run (``bench/results/ws_load.md``) used
+``--compare-level 1000 --compare-experiment "switch_interval_ms1;memory_store"
+--profile-level 1000`` (6.5 min).
 
 Results: ``bench/results/ws_load.json`` and ``bench/results/ws_load.md``.
 """
@@ -301,6 +308,7 @@ def instrument_server(stamps: dict[str, list[Any]]) -> None:
     from engine.store import sql
 
     jobs: list[Any] = stamps.setdefault("store_job", [])
+    named: list[bool] = []
     orig_submit = sql._Worker.submit
 
     def submit(self: Any, fn: Any) -> Any:
@@ -308,6 +316,13 @@ def instrument_server(stamps: dict[str, list[Any]]) -> None:
         ran: list[float] = []
 
         def timed() -> Any:
+            if not named:
+                # Name the OS thread (prctl PR_SET_NAME) so /proc shows its CPU apart.
+                named.append(True)
+                with contextlib.suppress(Exception):
+                    import ctypes
+
+                    ctypes.CDLL(None).prctl(15, b"helpline-sqlite", 0, 0, 0)
             t1 = time.monotonic()
             try:
                 return fn()
@@ -416,6 +431,8 @@ def apply_experiments(names: list[str]) -> dict[str, Any]:
     """Candidate fixes, patched into the server process only (``--experiment``).
 
     They measure what a change to engine/ would buy; the engine's files are untouched.
+    ``sdk_aiohttp``, ``fast_tokens`` and ``no_template_reload`` landed in the engine in
+    17c6e08 (re-applying them is a no-op there); they stay to measure older revisions.
     Returns uvicorn.Config overrides (``no_deflate``: permessage-deflate off).
     """
     overrides: dict[str, Any] = {}
@@ -1113,8 +1130,19 @@ def machine_info() -> dict[str, Any]:
         with contextlib.suppress(md.PackageNotFoundError):
             versions[pkg] = md.version(pkg)
     import sqlite3
+    import subprocess
 
-    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(),
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+
+    return {"git_head": git("rev-parse", "--short", "HEAD"),
+            "engine_uncommitted_changes": bool(git("status", "--porcelain", "--", "engine",
+                                                   "channels")),
+            "cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
             "packages": versions,
             "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
@@ -1200,12 +1228,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             print(f"level N={n} ...", flush=True)
             raws.append(await run_level(n, args, tmp, fake_url, counter,
                                         fake_pid=fake_proc.pid if fake_proc else None))
-        compare = None
-        if args.compare_level and args.compare_experiment:
-            print(f"level N={args.compare_level} with {args.compare_experiment} ...", flush=True)
-            compare = await run_level(args.compare_level, args, tmp, fake_url, counter,
-                                      fake_pid=fake_proc.pid if fake_proc else None,
-                                      experiments=args.compare_experiment, tag="-compare")
+        compares = []
+        for i, experiments in enumerate(args.compare_experiment if args.compare_level else []):
+            print(f"level N={args.compare_level} with {experiments} ...", flush=True)
+            compares.append(await run_level(
+                args.compare_level, args, tmp, fake_url, counter,
+                fake_pid=fake_proc.pid if fake_proc else None, experiments=experiments,
+                tag=f"-compare{i}"))
         profile: dict[str, Any] | None = None
         if args.profile_level:
             print(f"profile run N={args.profile_level} (cProfile in the server) ...", flush=True)
@@ -1256,9 +1285,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "total_run_s": round(time.monotonic() - started, 1),
         "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
     }
-    if compare is not None:
-        t = timings or compare["server_out"].get("fake_timings", [])
-        result["with_candidate_fixes"] = summarise(compare, t)
+    if compares:
+        result["compare_runs"] = [
+            summarise(c, timings or c["server_out"].get("fake_timings", [])) for c in compares]
     if args.profile_level and profile is not None:
         t = timings or profile["raw"]["server_out"].get("fake_timings", [])
         try:
@@ -1275,15 +1304,22 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def fmt(v: Any) -> str:
-    return "-" if v is None else f"{v:,.1f}" if isinstance(v, float) else f"{v:,}"
+def fmt(v: Any, digits: int = 1) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}" if isinstance(v, float) else f"{v:,}"
+
+
+def _label(lv: dict[str, Any]) -> str:
+    exps = lv.get("experiments") or []
+    return f"{lv['clients']:,}" + (f" + {'+'.join(exps)}" if exps else "")
 
 
 def render_md(result: dict[str, Any]) -> str:
     m = result["machine"]
     c = result["config"]
     lines = [
-        f"Measured {result['measured_at']} on {m['cpus']} shared CPUs ({m['cpu']}, load "
+        f"Measured {result['measured_at']} at {m.get('git_head', '?')}"
+        f"{' (engine/channels modified)' if m.get('engine_uncommitted_changes') else ''} "
+        f"on {m['cpus']} shared CPUs ({m['cpu']}, load "
         f"average at start {m['load_avg_at_start']}), Python {m['python']}, uvicorn "
         f"{m['packages'].get('uvicorn')} (ws=websockets-sansio, "
         f"{result['levels'][0]['loop'] if result['levels'] else '?'} loop), websockets "
@@ -1299,15 +1335,12 @@ def render_md(result: dict[str, Any]) -> str:
         "| server CPU (cores) | CPU ms/msg | target |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    rows = list(result["levels"])
-    if result.get("with_candidate_fixes"):
-        rows.append(result["with_candidate_fixes"])
+    rows = list(result["levels"]) + list(result.get("compare_runs") or [])
     for lv in rows:
         t = lv["target"]
         ok = all(t.values())
         missed = [k for k, v in t.items() if not v]
-        label = f"{lv['clients']:,}" + (f" ({'+'.join(lv['experiments'])})"
-                                         if lv.get("experiments") else "")
+        label = _label(lv)
         lines.append(
             f"| {label} | {fmt(lv['offered_msgs_per_s'])} "
             f"| {fmt(lv['sustained_msgs_per_s'])} "
@@ -1328,7 +1361,7 @@ def render_md(result: dict[str, Any]) -> str:
     split_rows = []
     for lv in rows:
         s = lv["latency_split_ms"]
-        label = f"{lv['clients']:,}" + (" (fixes)" if lv.get("experiments") else "")
+        label = _label(lv)
         split_rows.append(
             f"| {label} | " + " | ".join(
                 f"{fmt(s[k].get('p50'))} / {fmt(s[k].get('p99'))}" for k in (
@@ -1343,16 +1376,18 @@ def render_md(result: dict[str, Any]) -> str:
         "|---:|---|---|---|---|---|",
         *split_rows,
     ]
-    cpu_rows = [f"| {lv['clients']:,}{' (fixes)' if lv.get('experiments') else ''} "
-                f"| {lv['server_cpu']['cores']:.2f} "
-                f"| {fmt(lv['server_cpu'].get('cores_by_thread', {}).get('main'))} "
-                f"| {fmt(lv['server_cpu'].get('cores_by_thread', {}).get('helpline-sqlite'))} "
-                f"| {fmt(lv['sqlite_store_jobs']['total_ms'].get('p50'))} / "
-                f"{fmt(lv['sqlite_store_jobs']['total_ms'].get('p99'))} "
-                f"| {fmt(lv.get('fake_process_cpu_cores'))} "
-                f"| {lv['client_process_cpu_cores']:.2f} | {fmt(lv.get('other_processes_cores'))} "
-                f"| {fmt(lv.get('machine_busy_cores'))} | {lv['client_loop_lag_ms']['p99']} |"
-                for lv in rows]
+    cpu_rows = []
+    for lv in rows:
+        by_thread = lv["server_cpu"].get("cores_by_thread", {})
+        store_ms = lv["sqlite_store_jobs"]["total_ms"]
+        cpu_rows.append(
+            f"| {_label(lv)} "
+            f"| {lv['server_cpu']['cores']:.2f} | {fmt(by_thread.get('main'), 2)} "
+            f"| {fmt(by_thread.get('helpline-sqlite'), 2)} "
+            f"| {fmt(store_ms.get('p50'))} / {fmt(store_ms.get('p99'))} "
+            f"| {fmt(lv.get('fake_process_cpu_cores'), 2)} "
+            f"| {lv['client_process_cpu_cores']:.2f} | {fmt(lv.get('other_processes_cores'), 2)} "
+            f"| {fmt(lv.get('machine_busy_cores'), 2)} | {lv['client_loop_lag_ms']['p99']} |")
     lines += [
         "",
         "CPU during the steady window (cores; the machine has 2, shared with other jobs):",
@@ -1373,7 +1408,7 @@ def render_md(result: dict[str, Any]) -> str:
             kinds = "; ".join(f"{k} (x{v})" for k, v in {
                 **load.get("first_error_lines", {}),
                 **stop.get("first_error_lines", {})}.items())
-            err_rows.append(f"- {lv['clients']:,}{' (fixes)' if lv.get('experiments') else ''}"
+            err_rows.append(f"- {_label(lv)}"
                             f": {load.get('tracebacks', 0)} tracebacks during the load, "
                             f"{stop.get('tracebacks', 0)} after SIGTERM: {kinds}")
     if err_rows:
@@ -1412,8 +1447,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-window", type=float, default=15.0)
     p.add_argument("--compare-level", type=int, default=0,
                    help="after the levels, run this N again with --compare-experiment")
-    p.add_argument("--compare-experiment", type=lambda s: [x for x in s.split(",") if x],
-                   default=[], help="experiments for the --compare-level run")
+    p.add_argument("--compare-experiment",
+                   type=lambda s: [[x for x in part.split(",") if x] for part in s.split(";")],
+                   default=[], help="experiment sets for --compare-level runs: "
+                                    "'a,b;c' runs a+b, then c")
     p.add_argument("--keep-profile", help="copy the server's .prof file here")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, dumps)")
     p.add_argument("--no-write", action="store_true", help="print only")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,8 @@ from engine.store import Store, open_store
 
 __all__ = ["App", "build_app", "make_model"]
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class App:
@@ -31,6 +35,12 @@ class App:
     store: Store
 
     async def close(self) -> None:
+        # Background work (summaries, put-off turns) still uses the model and
+        # the store: let it finish, within reason, before closing them.
+        try:
+            await asyncio.wait_for(self.engine.drain(), timeout=30)
+        except TimeoutError:
+            logger.warning("background work still running at shutdown; closing anyway")
         await self.engine.model.close()
         await self.store.close()
         await self.shop.close()

@@ -99,6 +99,22 @@ def _token_count(usage: Any, name: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    # The SDK's transport is the vendored ``httpx2``; plain ``httpx`` errors
+    # are not subclasses of its errors, so both are caught.
+    errors: list[type[BaseException]] = [httpx.TransportError]
+    try:
+        import httpx2
+
+        errors.append(httpx2.TransportError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+_TRANSPORT_ERRORS = _transport_errors()
+
+
 def _http_client(timeout: float) -> Any:
     """The SDK's aiohttp transport when aiohttp is installed, else its httpx default.
 
@@ -201,7 +217,7 @@ class ClaudeModel(Model):
             if kind in ("timeout", "connection", "rate_limit", "overloaded", "server"):
                 raise ModelUnavailableError(f"claude {role} call failed: {detail}") from exc
             raise ModelError(f"claude {role} call failed: {detail}") from exc
-        except httpx.TransportError as exc:
+        except _TRANSPORT_ERRORS as exc:
             # The SDK wraps transport errors of plain requests, but not every one
             # (a connection dropped while a body is read, e.g. RemoteProtocolError).
             failed("connection")

@@ -567,6 +567,7 @@ class SQLStore(Store):
         self._async_reader: AsyncEngine | None = None
         self._sync_engine: sa.Engine | None = None
         self._worker: _Worker | None = None
+        self._closing = False
         # The fast path's connection and cursor; used on the worker thread only.
         self._raw_connection: sa.PoolProxiedConnection | None = None
         self._cursor: sqlite3.Cursor | None = None
@@ -634,6 +635,11 @@ class SQLStore(Store):
 
     def _call(self, fn: Callable[[], _T]) -> asyncio.Future[_T]:
         """Run ``fn()`` on the worker thread (started on first use)."""
+        if self._closing:
+            # A second worker on the connection the first one is closing would
+            # corrupt it (seen as crashes when a background summary outlived
+            # shutdown). After close() returns, a call starts a fresh worker.
+            raise StoreError(f"{self!r}: the store is closing")
         worker = self._worker
         if worker is None:
             worker = self._worker = _Worker("helpline-sqlite")
@@ -705,11 +711,13 @@ class SQLStore(Store):
             return
         worker, self._worker = self._worker, None
         if worker is not None:
+            self._closing = True
             # SQLite connections must be closed on the thread that opened them.
             try:
                 await worker.submit(self._close_in_thread)
             finally:
                 worker.stop()
+                self._closing = False
 
     # ----------------------------------------------------------------- reads
 

@@ -392,3 +392,17 @@ async def test_default_load_for_turn_calls_seen_then_load() -> None:
     store.calls.clear()
     assert await store.load_for_turn(key(channel="tg"), None) == (None, False)
     assert store.calls == ["load"]
+
+
+async def test_calls_while_the_store_closes_are_refused_not_run_on_a_second_worker(
+        tmp_path: Path) -> None:
+    store = SQLStore(f"sqlite:///{tmp_path / 'closing.db'}")
+    await store.open()
+    await store.commit_turn(TurnWrite(new_state(), expected_version=0))
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0)  # close() has started and handed the close job to the worker
+    with pytest.raises(StoreError, match="closing"):
+        await store.load_for_turn(key(), None)
+    await closing
+    assert (await store.load_for_turn(key(), None))[0] is not None  # usable again after
+    await store.close()
