@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import itertools
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from engine.config import Settings
 from engine.server.app import create_app
 from engine.server.context import ServerContext
 from engine.store.base import ConversationKey, ConversationState, MessageRecord
+from tests.channels.web.conftest import _Server
 from tests.fakes.telegram_api import DEFAULT_TOKEN, Call, FakeTelegram, SentMessage
 
 BOT_ID = int(DEFAULT_TOKEN.split(":")[0])
@@ -47,14 +48,6 @@ WEBHOOK_SECRET = "hook-secret_for-tests"
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "telegram_settings(**overrides): Settings overrides for telegram_server")
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without signal handlers (the test runner owns them)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 @dataclass
