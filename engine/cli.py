@@ -213,6 +213,10 @@ def serve(
     except HelplineError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    if settings.secret_key is None:
+        # Keep chat sessions and agent logins valid across restarts of a
+        # single-machine deployment (make run); production sets secret_key.
+        settings = settings.model_copy(update={"secret_key": _local_secret()})
     base = settings.public_url or f"http://{settings.host}:{settings.port}"
 
     def ready(context: object) -> None:
@@ -229,6 +233,23 @@ def serve(
     uvicorn.run(application, host=settings.host, port=settings.port, ws="websockets-sansio",
                 ws_max_size=65536, log_level="info", timeout_graceful_shutdown=10,
                 lifespan="on")
+
+
+def _local_secret() -> str:
+    """A random secret kept in ``var/secret.key`` (created once, readable by the owner only)."""
+    import os
+    import secrets
+
+    path = ROOT / "var" / "secret.key"
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(48)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as handle:
+            handle.write(secret + "\n")
+        return secret
 
 
 @app.command("hash-password")

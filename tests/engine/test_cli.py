@@ -302,3 +302,16 @@ def test_graph_of_a_missing_file_fails(tmp_path: Path) -> None:
     result = invoke("graph", tmp_path / "nope.yaml")
     assert result.exit_code == 1
     assert "cannot read file" in result.stderr
+
+
+def test_serve_keeps_one_local_secret_across_restarts(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import stat
+
+    from engine import cli
+
+    monkeypatch.setattr(cli, "ROOT", tmp_path)
+    first = cli._local_secret()
+    assert len(first) >= 40 and cli._local_secret() == first
+    mode = (tmp_path / "var" / "secret.key").stat().st_mode
+    assert stat.S_IMODE(mode) == 0o600
