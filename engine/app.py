@@ -72,10 +72,6 @@ def model_stack(settings: Settings, primary: Model, fallback: Model,
     return build_model_stack(settings, primary, fallback, metrics, redis, owns_redis=True)
 
 
-def demo_actions(shop: Shop) -> ActionRegistry:
-    return build_actions(shop)
-
-
 def load_app_flows(settings: Settings, actions: ActionRegistry) -> FlowSet:
     return load_flows(Path(settings.flows_dir), Path(settings.prompts_dir), actions.names(),
                       disclosure=settings.disclosure)

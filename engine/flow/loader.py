@@ -494,7 +494,3 @@ def load_flows(paths: Iterable[Path] | Path, prompts_dir: Path | None,
         flows.disclosure_text = LocalTemplate(env, disclosure)
     return flows
 
-
-def describe_entity_types() -> dict[str, type[EntityType]]:
-    """The entity type registry (for docs and the JSON schema)."""
-    return dict(ENTITY_TYPES)
